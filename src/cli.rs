@@ -1,0 +1,436 @@
+//! The `d7q` command line. The names here are a contract operators script against: flags may be
+//! added, none renamed. Every failure prints one line `d7q: …` on stderr and exits with a code
+//! from [`crate::exit`].
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::exit;
+use crate::peer::{self, GetError, GetRequest, ProgressFn};
+use crate::pki::{ClusterCa, NodeIdentity};
+use crate::supernode::{Supernode, SupernodeConfig};
+use crate::{admin, demo, embedded, task, transport};
+
+/// QUIC-native peer-to-peer distribution of container images and large files.
+#[derive(Parser, Debug)]
+#[command(name = "d7q", version, about)]
+struct Cli {
+    /// Log filter (tracing syntax), e.g. `info` or `d7q=debug`.
+    #[arg(long, global = true, env = "D7Q_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create and inspect the cluster CA and node identities.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Run a supernode: scheduler and seed/CDN.
+    Supernode(SupernodeArgs),
+    /// Download one file through the mesh.
+    Get(GetArgs),
+    /// Show a node's tasks.
+    Status(StatusArgs),
+    /// Everything on loopback, offline: an origin, a supernode and a few peers.
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCmd {
+    /// Create a cluster CA: DIR/ca.pem, DIR/ca.key.
+    Init {
+        /// Directory for the CA.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node identity signed by the cluster CA: OUT/ca.pem, OUT/node.pem, OUT/node.key.
+    Issue {
+        /// Directory of the cluster CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node name (also put in the certificate).
+        #[arg(long)]
+        name: String,
+        /// Directory for the node identity.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the cluster CA certificate.
+    Show {
+        /// Directory of the cluster CA or of a node identity.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SupernodeArgs {
+    /// UDP address for QUIC (mesh `d7q/1` and admin `h3`).
+    #[arg(long, default_value = "0.0.0.0:8002")]
+    listen: SocketAddr,
+    /// Content store directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Node identity directory (from `d7q ca issue`).
+    #[arg(long)]
+    pki: PathBuf,
+    /// Extra CA certificate (PEM) trusted for origins; repeatable.
+    #[arg(long = "origin-ca")]
+    origin_ca: Vec<PathBuf>,
+    /// Datacenter label.
+    #[arg(long, default_value = "")]
+    dc: String,
+}
+
+#[derive(Args, Debug)]
+struct GetArgs {
+    /// URL of the content.
+    url: String,
+    /// Output file.
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// Expected digest, `sha256:HEX`.
+    #[arg(long)]
+    digest: Option<String>,
+    /// Header for the origin, `'Name: value'`; repeatable.
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// Supernode address; repeatable. None: the embedded default.
+    #[arg(long)]
+    supernode: Vec<SocketAddr>,
+    /// Node identity directory (required with --supernode).
+    #[arg(long)]
+    pki: Option<PathBuf>,
+    /// Extra CA certificate (PEM) trusted for origins (embedded mode); repeatable.
+    #[arg(long = "origin-ca")]
+    origin_ca: Vec<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Machine-readable JSON.
+    #[arg(long)]
+    json: bool,
+    /// Node identity directory: verify the node against the cluster CA.
+    #[arg(long)]
+    pki: Option<PathBuf>,
+    /// Address of the node's QUIC port.
+    #[arg(default_value = "127.0.0.1:8002")]
+    addr: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Number of peers.
+    #[arg(long, default_value_t = 4)]
+    peers: usize,
+    /// Size of the demo file in MiB.
+    #[arg(long, default_value_t = 64)]
+    size_mib: u64,
+}
+
+/// Runs the command line; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+        }
+    };
+    let default_log = match cli.cmd {
+        Cmd::Supernode(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(exit::FAILURE, &format!("cannot start runtime: {e}")),
+    };
+    rt.block_on(run(cli.cmd))
+}
+
+fn fail(code: i32, msg: &str) -> i32 {
+    eprintln!("d7q: {msg}");
+    code
+}
+
+async fn run(cmd: Cmd) -> i32 {
+    match cmd {
+        Cmd::Ca(c) => ca(c),
+        Cmd::Supernode(a) => supernode(a).await,
+        Cmd::Get(a) => get(a).await,
+        Cmd::Status(a) => status(a).await,
+        Cmd::Demo(a) => match demo::run(a.peers, a.size_mib).await {
+            Ok(()) => exit::OK,
+            Err(e) => fail(exit::FAILURE, &format!("demo failed: {e:#}")),
+        },
+    }
+}
+
+fn ca(cmd: CaCmd) -> i32 {
+    match cmd {
+        CaCmd::Init { dir } => match ClusterCa::init(&dir) {
+            Ok(_) => {
+                println!("cluster CA created: {}", dir.join("ca.pem").display());
+                exit::OK
+            }
+            Err(e) => fail(exit::LOCAL, &e.to_string()),
+        },
+        CaCmd::Issue { dir, name, out } => {
+            let issued = ClusterCa::load(&dir)
+                .and_then(|ca| ca.issue(&name))
+                .and_then(|id| id.save(&out));
+            match issued {
+                Ok(()) => {
+                    println!("node identity {name:?} written to {}", out.display());
+                    exit::OK
+                }
+                Err(e) => fail(exit::LOCAL, &e.to_string()),
+            }
+        }
+        CaCmd::Show { dir } => match std::fs::read_to_string(dir.join("ca.pem")) {
+            Ok(pem) => {
+                print!("{pem}");
+                exit::OK
+            }
+            Err(e) => fail(
+                exit::LOCAL,
+                &format!("{}: {e}", dir.join("ca.pem").display()),
+            ),
+        },
+    }
+}
+
+async fn supernode(a: SupernodeArgs) -> i32 {
+    let identity = match NodeIdentity::load(&a.pki) {
+        Ok(i) => i,
+        Err(e) => return fail(exit::USAGE, &format!("node identity: {e}")),
+    };
+    let cfg = SupernodeConfig {
+        listen: a.listen,
+        data_dir: a.data_dir,
+        identity,
+        origin_cas: a.origin_ca,
+        labels: d7q_wire::Labels {
+            dc: a.dc,
+            ..Default::default()
+        },
+    };
+    let sn = match Supernode::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => return fail(exit::FAILURE, &format!("{e:#}")),
+    };
+    println!("ready mesh={}", sn.local_addr());
+    let _ = std::io::stdout().flush();
+    let run = tokio::spawn(sn.run());
+    shutdown_signal().await;
+    run.abort();
+    exit::OK
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn get(a: GetArgs) -> i32 {
+    let digest = match a.digest.as_deref().map(|d| task::parse_digest(d).ok_or(d)) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(d)) => {
+            return fail(
+                exit::USAGE,
+                &format!("--digest {d:?} is not sha256:<64 hex digits>"),
+            )
+        }
+    };
+    let mut headers = Vec::new();
+    for h in &a.headers {
+        match h.split_once(':') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                headers.push((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => return fail(exit::USAGE, &format!("--header {h:?} is not 'Name: value'")),
+        }
+    }
+    if !(a.url.starts_with("http://") || a.url.starts_with("https://")) {
+        return fail(
+            exit::USAGE,
+            &format!("{:?} is not an http:// or https:// URL", a.url),
+        );
+    }
+    if a.output.is_dir() {
+        return fail(
+            exit::LOCAL,
+            &format!("{} is a directory", a.output.display()),
+        );
+    }
+    let req = GetRequest {
+        url: a.url.clone(),
+        output: a.output.clone(),
+        digest,
+        headers,
+    };
+    let bar = (!a.quiet && std::io::stderr().is_terminal()).then(ProgressBar::new);
+    let progress: Option<ProgressFn> = bar
+        .clone()
+        .map(|b| Arc::new(move |done, total| b.update(done, total)) as ProgressFn);
+    let work = async {
+        if a.supernode.is_empty() {
+            embedded::get(&req, &a.origin_ca, progress).await
+        } else {
+            let Some(pki) = &a.pki else {
+                return Err(GetError::Mesh(
+                    "--pki NODEDIR is required with --supernode".into(),
+                ));
+            };
+            let identity = NodeIdentity::load(pki)
+                .map_err(|e| GetError::Mesh(format!("node identity: {e}")))?;
+            let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal");
+            let ep = transport::endpoint(&identity, bind, false)?;
+            let r = peer::get(&ep, &a.supernode, &req, progress).await;
+            ep.close(transport::close::DONE, b"");
+            r
+        }
+    };
+    // On Ctrl-C the download future is dropped, which removes its temporary file.
+    let result = tokio::select! {
+        r = work => r,
+        _ = shutdown_signal() => return fail(exit::FAILURE, "interrupted"),
+    };
+    if let Some(b) = &bar {
+        b.clear();
+    }
+    match result {
+        Ok(_) => exit::OK,
+        Err(e) => fail(e.exit_code(), &e.to_string()),
+    }
+}
+
+async fn status(a: StatusArgs) -> i32 {
+    let identity = match a.pki.as_deref().map(NodeIdentity::load).transpose() {
+        Ok(i) => i,
+        Err(e) => return fail(exit::USAGE, &format!("node identity: {e}")),
+    };
+    let body = match admin::fetch(a.addr, "/status", identity.as_ref()).await {
+        Ok(b) => b,
+        Err(e) => return fail(exit::MESH, &format!("{e:#}")),
+    };
+    if a.json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return exit::OK;
+    }
+    let st: admin::Status = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => return fail(exit::MESH, &format!("{}: unreadable status: {e}", a.addr)),
+    };
+    println!(
+        "{} {} up {}s, {} tasks",
+        st.node.role,
+        st.node.node_id,
+        st.node.uptime_secs,
+        st.tasks.len()
+    );
+    for t in st.tasks {
+        let len = t.length.map(human_bytes).unwrap_or_else(|| "?".into());
+        println!(
+            "  {} {:<9} {:>4}/{:<4} {:>10}  {}",
+            &t.id[..12],
+            t.state,
+            t.pieces_done,
+            t.piece_count.unwrap_or(0),
+            len,
+            t.url
+        );
+    }
+    exit::OK
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A one-line progress bar on stderr, redrawn at most a few times a second.
+#[derive(Clone)]
+struct ProgressBar {
+    state: Arc<std::sync::Mutex<(Instant, Instant)>>,
+}
+
+impl ProgressBar {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            state: Arc::new(std::sync::Mutex::new((now, now))),
+        }
+    }
+
+    fn update(&self, done: u64, total: u64) {
+        let mut s = self.state.lock().expect("progress lock");
+        let now = Instant::now();
+        if now.duration_since(s.1).as_millis() < 150 && done < total {
+            return;
+        }
+        s.1 = now;
+        let secs = now.duration_since(s.0).as_secs_f64().max(1e-3);
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let width = 30usize;
+        let filled = ((pct / 100.0) * width as f64) as usize;
+        eprint!(
+            "\r[{}{}] {:5.1}% {} / {}  {}/s   ",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            pct,
+            human_bytes(done),
+            human_bytes(total),
+            human_bytes((done as f64 / secs) as u64)
+        );
+    }
+
+    fn clear(&self) {
+        eprint!("\r{}\r", " ".repeat(80));
+    }
+}

@@ -1,0 +1,52 @@
+//! d7q: QUIC-native peer-to-peer distribution of container images and large files.
+//!
+//! A map of the crate, top down:
+//!
+//! - [`cli`]: the `d7q` command line (the contract operators script against) and exit codes.
+//! - [`supernode`]: scheduler and passive CDN — seeds tasks from origins, serves pieces.
+//! - [`peer`]: the downloading side — registers, fetches and verifies pieces, writes the file.
+//! - [`embedded`]: the zero-setup default, a peer and a supernode in one process.
+//! - [`demo`]: everything on loopback, to see it work.
+//! - [`sched`]: deciding logic without IO (piece picking, later parent scheduling).
+//! - [`transport`], [`proto`]: QUIC endpoints with mutual TLS, framed messages on streams.
+//! - [`pki`]: the cluster CA and node identities.
+//! - [`origin`]: back-to-source over HTTP(S).
+//! - [`store`]: disk: free space, preallocated files, never a half-written output.
+//! - [`task`]: task ids, piece geometry, digests.
+//! - [`admin`]: the read-only HTTP/3 admin API and its client.
+//! - [`devserver`]: a small HTTP(S) origin for the demo, the tests and the benchmarks.
+//!
+//! The wire format lives in the `d7q-wire` crate; network emulation in `d7q-netsim`.
+
+pub mod admin;
+pub mod cli;
+pub mod demo;
+pub mod devserver;
+pub mod embedded;
+pub mod origin;
+pub mod peer;
+pub mod pki;
+pub mod proto;
+pub mod sched;
+pub mod store;
+pub mod supernode;
+pub mod task;
+pub mod transport;
+
+/// Process exit codes a script can rely on.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Anything not classified below.
+    pub const FAILURE: i32 = 1;
+    /// Bad command line or configuration.
+    pub const USAGE: i32 = 2;
+    /// The origin failed: an HTTP error status, unreachable, or a truncated body.
+    pub const ORIGIN: i32 = 3;
+    /// Content did not match its digest.
+    pub const INTEGRITY: i32 = 4;
+    /// The mesh failed: supernode unreachable, certificate refused, version mismatch.
+    pub const MESH: i32 = 5;
+    /// Local IO failed: disk full, output not writable.
+    pub const LOCAL: i32 = 6;
+}

@@ -1,0 +1,68 @@
+//! Framed messages over QUIC streams: the async half of `d7q_wire::frame`.
+//!
+//! Reading checks the announced length against the wire limit before allocating, and every
+//! failure is an error value; a caller that gets one resets or closes the stream.
+
+use std::time::Duration;
+
+use d7q_wire::frame::{self, FRAME_HEADER_LEN};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// How long a peer may take to send the request of a piece stream.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a framed read or write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// The stream broke.
+    #[error("stream read: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    /// The stream broke while writing.
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The bytes were not a valid frame.
+    #[error("bad frame: {0}")]
+    Frame(#[from] frame::FrameError),
+    /// The stream ended cleanly where a message was expected.
+    #[error("stream ended")]
+    Finished,
+    /// The peer took too long.
+    #[error("timed out")]
+    Timeout,
+}
+
+/// Reads one framed message; `Ok(None)` when the stream ends cleanly before a new frame.
+pub async fn read_msg<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, ProtoError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = frame::payload_len(header)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await?;
+    Ok(Some(
+        d7q_wire::decode(&payload).map_err(frame::FrameError::from)?,
+    ))
+}
+
+/// Reads one framed message, which must be there.
+pub async fn expect_msg<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, ProtoError> {
+    read_msg(recv).await?.ok_or(ProtoError::Finished)
+}
+
+/// Writes one framed message.
+pub async fn write_msg<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), ProtoError> {
+    let mut buf = Vec::with_capacity(64);
+    frame::encode_frame(msg, &mut buf)?;
+    send.write_all(&buf).await?;
+    Ok(())
+}

@@ -1,0 +1,854 @@
+//! The supernode: scheduler and passive CDN for its tasks.
+//!
+//! On the first registration of a task it fetches the content from the origin, splits it into
+//! pieces, hashes each piece (SHA-256) and the whole, stores it, and publishes each piece's
+//! digest to the registered peers as soon as the piece is on disk — so peers download while the
+//! origin download is still running. Later registrations of a cached task never touch the
+//! origin; concurrent ones share one origin download. A failed download leaves nothing behind.
+//!
+//! Not for: choosing parents among peers (the swarm issue adds the scheduler).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use d7q_wire::{
+    ByteRange, Capabilities, Control, ErrorCode, ErrorMsg, HelloAck, Labels, NodeId, PieceDigests,
+    PieceHeader, PieceRequest, PieceStatus, Register, Sha256, TaskComplete, TaskId, TaskMeta,
+    MAX_DIGESTS_PER_MESSAGE, MAX_HEADERS, MAX_STRING_LEN,
+};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::origin::{OriginClient, OriginError};
+use crate::pki::NodeIdentity;
+use crate::store::{self, DataFile, StoreError};
+use crate::task::{self, Geometry, MIN_PIECE_SIZE};
+use crate::transport::{self, close, MeshError};
+use crate::{admin, proto};
+
+/// Pieces an ingest may have buffered between the network and the disk writer.
+pub const INGEST_QUEUE_PIECES: usize = 4;
+/// Piece reads served at once, across all connections.
+pub const MAX_CONCURRENT_UPLOADS: usize = 64;
+/// Connections handled at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Control messages queued toward one peer before we stop reading from it.
+pub const CONTROL_QUEUE: usize = 256;
+
+/// How to run a supernode.
+#[derive(Clone)]
+pub struct SupernodeConfig {
+    /// UDP address for QUIC (mesh and admin API).
+    pub listen: SocketAddr,
+    /// Where content is stored.
+    pub data_dir: PathBuf,
+    /// The node's identity in the cluster.
+    pub identity: NodeIdentity,
+    /// Extra CA files trusted for origins.
+    pub origin_cas: Vec<PathBuf>,
+    /// Locality labels.
+    pub labels: Labels,
+}
+
+/// A running supernode.
+pub struct Supernode {
+    inner: Arc<Inner>,
+    endpoint: quinn::Endpoint,
+}
+
+struct Inner {
+    node_id: NodeId,
+    labels: Labels,
+    origin: OriginClient,
+    tasks_dir: PathBuf,
+    tasks: Mutex<HashMap<TaskId, Arc<SeedTask>>>,
+    uploads: Semaphore,
+    connections: Arc<Semaphore>,
+    started: Instant,
+}
+
+/// One task as the seed sees it.
+struct SeedTask {
+    id: TaskId,
+    /// URL without query (which may carry signatures), for status output.
+    shown_url: String,
+    progress: watch::Sender<Progress>,
+    digests: Mutex<Vec<Sha256>>,
+    file: Mutex<Option<Arc<DataFile>>>,
+}
+
+/// What is known of a task's ingest, broadcast to every peer that registered it.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    meta: Option<TaskMeta>,
+    /// Pieces 0..available are stored and their digests known.
+    available: u32,
+    done: Option<Sha256>,
+    failed: Option<ErrorMsg>,
+}
+
+/// Kept next to a completed task's data, so a restart serves it without the origin.
+#[derive(Serialize, Deserialize)]
+struct StoredMeta {
+    url: String,
+    length: u64,
+    piece_size: u32,
+    sha256: String,
+    digests: Vec<String>,
+}
+
+impl Supernode {
+    /// Binds the endpoint and loads completed tasks from the store.
+    pub async fn start(cfg: SupernodeConfig) -> Result<Self, anyhow::Error> {
+        let tasks_dir = cfg.data_dir.join("tasks");
+        std::fs::create_dir_all(&tasks_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", tasks_dir.display()))?;
+        let origin = OriginClient::new(&cfg.origin_cas)?;
+        let endpoint = transport::endpoint(&cfg.identity, cfg.listen, true)?;
+        let inner = Arc::new(Inner {
+            node_id: NodeId(rand::random()),
+            labels: cfg.labels,
+            origin,
+            tasks_dir,
+            tasks: Mutex::new(HashMap::new()),
+            uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            started: Instant::now(),
+        });
+        let loaded = inner.load_completed();
+        info!(loaded, "supernode store loaded");
+        Ok(Self { inner, endpoint })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("bound endpoint has an address")
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub async fn run(self) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let Ok(permit) = self.inner.connections.clone().try_acquire_owned() else {
+                incoming.refuse();
+                continue;
+            };
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        inner
+                            .handle_connection(conn)
+                            .instrument(info_span!("conn", %remote))
+                            .await
+                    }
+                    Err(e) => {
+                        warn!(%remote, error = %transport::conn_error(remote, e), "handshake refused")
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn close(&self) {
+        self.endpoint
+            .close(close::SHUTDOWN, b"supernode shutting down");
+    }
+}
+
+impl Inner {
+    async fn handle_connection(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        match transport::alpn(&conn).as_deref() {
+            Some(a) if a == d7q_wire::ADMIN_ALPN => {
+                admin::serve(conn, self.clone()).await;
+                return;
+            }
+            Some(a) if a == d7q_wire::ALPN => {}
+            _ => {
+                conn.close(close::VERSION, b"unsupported protocol");
+                return;
+            }
+        }
+        if !transport::has_peer_certificate(&conn) {
+            warn!(%remote, "refused: no client certificate from the cluster CA");
+            conn.close(close::NO_CERTIFICATE, b"client certificate required");
+            return;
+        }
+        debug!(%remote, "mesh connection");
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %transport::conn_error(remote, e), "connection ended");
+                    return;
+                }
+            };
+            let inner = self.clone();
+            let is_control = send.id().index() == 0;
+            let conn2 = conn.clone();
+            tokio::spawn(async move {
+                if is_control {
+                    if let Err(e) = inner.control_stream(send, recv).await {
+                        debug!(error = %e, "control stream ended");
+                        if matches!(e, ControlError::Version) {
+                            conn2.close(close::VERSION, b"protocol version mismatch");
+                        } else if matches!(e, ControlError::Protocol(_)) {
+                            conn2.close(close::PROTOCOL, b"protocol error");
+                        }
+                    }
+                } else {
+                    inner.piece_stream(send, recv).await;
+                }
+            });
+        }
+    }
+
+    async fn control_stream(
+        self: Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), ControlError> {
+        let hello = match proto::expect_msg::<Control>(&mut recv).await? {
+            Control::Hello(h) => h,
+            other => {
+                return Err(ControlError::Protocol(format!(
+                    "expected Hello, got {other:?}"
+                )))
+            }
+        };
+        if hello.major != d7q_wire::MAJOR_VERSION {
+            let _ = proto::write_msg(
+                &mut send,
+                &Control::Error(error_msg(
+                    None,
+                    ErrorCode::VersionMismatch,
+                    "protocol version mismatch",
+                )),
+            )
+            .await;
+            return Err(ControlError::Version);
+        }
+        proto::write_msg(
+            &mut send,
+            &Control::HelloAck(HelloAck {
+                major: d7q_wire::MAJOR_VERSION,
+                minor: d7q_wire::MINOR_VERSION,
+                node_id: self.node_id,
+                labels: self.labels.clone(),
+                capabilities: Capabilities(Capabilities::SEED | Capabilities::UPLOAD),
+            }),
+        )
+        .await?;
+        // One writer owns the send half; task watchers queue messages to it.
+        let (tx, mut rx) = mpsc::channel::<Control>(CONTROL_QUEUE);
+        let writer = tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                if proto::write_msg(&mut send, &msg).await.is_err() {
+                    break;
+                }
+            }
+            let _ = send.finish();
+        });
+        let mut watchers = tokio::task::JoinSet::new();
+        let result = loop {
+            let msg = match proto::read_msg::<Control>(&mut recv).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.into()),
+            };
+            match msg {
+                Control::Register(reg) => match self.register(reg) {
+                    Ok(task) => {
+                        watchers.spawn(watch_task(task, tx.clone()));
+                    }
+                    Err(err) => {
+                        if tx.send(*err).await.is_err() {
+                            break Ok(());
+                        }
+                    }
+                },
+                Control::Goodbye(_) => break Ok(()),
+                Control::Have(_) | Control::Bitmap(_) | Control::BadPeer(_) => {}
+                other => {
+                    break Err(ControlError::Protocol(format!(
+                        "unexpected message {other:?}"
+                    )))
+                }
+            }
+        };
+        watchers.abort_all();
+        drop(tx);
+        let _ = writer.await;
+        result
+    }
+
+    /// Validates a registration and returns the task, starting its ingest if it is new.
+    fn register(self: &Arc<Self>, reg: Register) -> Result<Arc<SeedTask>, Box<Control>> {
+        let bad = |m: &str| {
+            Box::new(Control::Error(error_msg(
+                Some(reg.task),
+                ErrorCode::BadRequest,
+                m,
+            )))
+        };
+        if reg.url.len() > MAX_STRING_LEN
+            || !(reg.url.starts_with("https://") || reg.url.starts_with("http://"))
+        {
+            return Err(bad("URL must be http:// or https:// and at most 16 KiB"));
+        }
+        if reg.headers.len() > MAX_HEADERS
+            || reg
+                .headers
+                .iter()
+                .any(|(k, v)| k.len() + v.len() > MAX_STRING_LEN)
+        {
+            return Err(bad("too many or too large headers"));
+        }
+        if let Some(r) = reg.range {
+            if r.end <= r.start {
+                return Err(bad("empty range"));
+            }
+        }
+        let id = task::task_id(&reg.url, reg.digest.as_ref(), reg.range);
+        if id != reg.task {
+            return Err(bad("task id does not match the URL, digest and range"));
+        }
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        if let Some(t) = tasks.get(&id) {
+            return Ok(t.clone());
+        }
+        let shown_url = reg.url.split('?').next().unwrap_or_default().to_string();
+        let task = Arc::new(SeedTask {
+            id,
+            shown_url,
+            progress: watch::channel(Progress::default()).0,
+            digests: Mutex::new(Vec::new()),
+            file: Mutex::new(None),
+        });
+        tasks.insert(id, task.clone());
+        drop(tasks);
+        info!(task = %id, url = %task.shown_url, "seeding from origin");
+        let inner = self.clone();
+        let t = task.clone();
+        tokio::spawn(
+            async move {
+                inner
+                    .ingest(t, reg.url, reg.headers, reg.digest, reg.range)
+                    .await
+            }
+            .instrument(info_span!("ingest", task = %id)),
+        );
+        Ok(task)
+    }
+
+    async fn ingest(
+        self: Arc<Self>,
+        task: Arc<SeedTask>,
+        url: String,
+        headers: Vec<(String, String)>,
+        expected: Option<Sha256>,
+        range: Option<ByteRange>,
+    ) {
+        let data_path = self.tasks_dir.join(format!("{}.data", task.id));
+        let result = self
+            .ingest_inner(&task, &url, &headers, expected, range, &data_path)
+            .await;
+        match result {
+            Ok(sha) => {
+                info!(sha = %task::format_digest(&sha), "task complete");
+                task.progress.send_modify(|p| p.done = Some(sha));
+            }
+            Err(err) => {
+                warn!(error = %err.message, "task failed");
+                // Forget the task first so a new registration starts over, then drop its data.
+                {
+                    let mut tasks = self.tasks.lock().expect("tasks lock");
+                    if tasks.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, &task)) {
+                        tasks.remove(&task.id);
+                    }
+                }
+                task.file.lock().expect("file lock").take();
+                let _ = std::fs::remove_file(&data_path);
+                let _ = std::fs::remove_file(meta_path(&data_path));
+                task.progress.send_modify(|p| p.failed = Some(err));
+            }
+        }
+    }
+
+    async fn ingest_inner(
+        &self,
+        task: &Arc<SeedTask>,
+        url: &str,
+        headers: &[(String, String)],
+        expected: Option<Sha256>,
+        range: Option<ByteRange>,
+        data_path: &Path,
+    ) -> Result<Sha256, ErrorMsg> {
+        let id = task.id;
+        let mut resp = self
+            .origin
+            .fetch(url, headers, range)
+            .await
+            .map_err(|e| origin_error(id, e))?;
+        let geometry = match resp.length {
+            Some(len) => Some(
+                Geometry::for_length(len)
+                    .map_err(|e| error_msg(Some(id), ErrorCode::TooLarge, &e.to_string()))?,
+            ),
+            None => None,
+        };
+        store::check_free_space(&self.tasks_dir, resp.length.unwrap_or(0))
+            .map_err(|e| store_error(id, e))?;
+        let _ = std::fs::remove_file(data_path);
+        let file = Arc::new(
+            DataFile::create(data_path, resp.length.unwrap_or(0))
+                .map_err(|e| store_error(id, e))?,
+        );
+        *task.file.lock().expect("file lock") = Some(file.clone());
+        let piece_size = geometry.map(|g| g.piece_size).unwrap_or(MIN_PIECE_SIZE);
+        if let Some(g) = geometry {
+            task.progress.send_modify(|p| p.meta = Some(meta(id, g)));
+        }
+
+        // The writer thread hashes and stores pieces while this task keeps reading the network.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(INGEST_QUEUE_PIECES);
+        let writer_task = task.clone();
+        let writer_file = file.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            write_pieces(rx, writer_file, writer_task, piece_size as u64)
+        });
+        let mut buf = BytesMut::with_capacity(piece_size as usize);
+        let mut total: u64 = 0;
+        let read_result: Result<(), ErrorMsg> = async {
+            while let Some(mut chunk) = resp.chunk().await.map_err(|e| origin_error(id, e))? {
+                total += chunk.len() as u64;
+                if total > task::MAX_CONTENT_LENGTH {
+                    return Err(error_msg(
+                        Some(id),
+                        ErrorCode::TooLarge,
+                        "origin content exceeds the mesh limit",
+                    ));
+                }
+                while !chunk.is_empty() {
+                    let take = (piece_size as usize - buf.len()).min(chunk.len());
+                    buf.extend_from_slice(&chunk.split_to(take));
+                    if buf.len() == piece_size as usize {
+                        let piece = buf.split().freeze();
+                        buf.reserve(piece_size as usize);
+                        let tx = tx.clone();
+                        // A bounded channel: when the disk is slower than the network, the
+                        // network read waits here (on the blocking pool, not the runtime).
+                        tokio::task::spawn_blocking(move || tx.send(piece))
+                            .await
+                            .map_err(|_| {
+                                error_msg(Some(id), ErrorCode::Internal, "piece writer failed")
+                            })?
+                            .map_err(|_| {
+                                error_msg(Some(id), ErrorCode::Internal, "piece writer failed")
+                            })?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if read_result.is_ok() && !buf.is_empty() {
+            let _ = tx.send(buf.split().freeze());
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|_| error_msg(Some(id), ErrorCode::Internal, "piece writer panicked"))?;
+        read_result?;
+        let (sha, stored) = written.map_err(|e| store_error(id, e))?;
+        if stored != total {
+            return Err(error_msg(
+                Some(id),
+                ErrorCode::Internal,
+                "stored length differs from received length",
+            ));
+        }
+        if let Some(want) = expected {
+            if want != sha {
+                return Err(error_msg(
+                    Some(id),
+                    ErrorCode::DigestMismatch,
+                    &format!(
+                        "digest mismatch: expected {}, origin content is {}",
+                        task::format_digest(&want),
+                        task::format_digest(&sha)
+                    ),
+                ));
+            }
+        }
+        if geometry.is_none() {
+            // Unknown length until now: the pieces were cut at the minimum size.
+            let g = Geometry::new(total, piece_size)
+                .map_err(|e| error_msg(Some(id), ErrorCode::TooLarge, &e.to_string()))?;
+            task.progress.send_modify(|p| p.meta = Some(meta(id, g)));
+        }
+        file.sync().map_err(|e| store_error(id, e))?;
+        let digests = task.digests.lock().expect("digests lock").clone();
+        let stored_meta = StoredMeta {
+            url: task.shown_url.clone(),
+            length: total,
+            piece_size,
+            sha256: task::format_digest(&sha),
+            digests: digests.iter().map(task::format_digest).collect(),
+        };
+        let json = serde_json::to_vec(&stored_meta).expect("meta serializes");
+        let tmp = meta_path(data_path).with_extension("tmp");
+        std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, meta_path(data_path)))
+            .map_err(|e| {
+                store_error(
+                    id,
+                    StoreError::Io {
+                        path: tmp.clone(),
+                        source: e,
+                    },
+                )
+            })?;
+        Ok(sha)
+    }
+
+    async fn piece_stream(
+        self: Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let req = match tokio::time::timeout(
+            proto::REQUEST_TIMEOUT,
+            proto::expect_msg::<PieceRequest>(&mut recv),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            _ => {
+                let _ = send
+                    .write_all(&PieceHeader::refuse(PieceStatus::BadRequest).encode())
+                    .await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        let (header, body) = self.read_piece(req).await;
+        if send.write_all(&header.encode()).await.is_err() {
+            return;
+        }
+        if let Some(body) = body {
+            if send.write_chunk(body).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+        // Keep the stream until the peer has read it all, or gave up.
+        let _ = send.stopped().await;
+    }
+
+    async fn read_piece(&self, req: PieceRequest) -> (PieceHeader, Option<Bytes>) {
+        let task = self
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .get(&req.task)
+            .cloned();
+        let Some(task) = task else {
+            return (PieceHeader::refuse(PieceStatus::UnknownTask), None);
+        };
+        let progress = task.progress.borrow().clone();
+        let (Some(meta), true) = (progress.meta, req.index < progress.available) else {
+            return (PieceHeader::refuse(PieceStatus::NotAvailable), None);
+        };
+        let Some(file) = task.file.lock().expect("file lock").clone() else {
+            return (PieceHeader::refuse(PieceStatus::NotAvailable), None);
+        };
+        let Ok(g) = Geometry::checked(meta.length, meta.piece_size, meta.piece_count) else {
+            return (PieceHeader::refuse(PieceStatus::Internal), None);
+        };
+        let Ok(_permit) = self.uploads.acquire().await else {
+            return (PieceHeader::refuse(PieceStatus::Busy), None);
+        };
+        let (off, len) = (g.offset(req.index), g.piece_len(req.index));
+        match tokio::task::spawn_blocking(move || file.read_at(off, len as usize)).await {
+            Ok(Ok(bytes)) => (PieceHeader::ok(len), Some(Bytes::from(bytes))),
+            _ => (PieceHeader::refuse(PieceStatus::Internal), None),
+        }
+    }
+
+    /// Loads tasks completed by an earlier run; returns how many.
+    fn load_completed(&self) -> usize {
+        let Ok(dir) = std::fs::read_dir(&self.tasks_dir) else {
+            return 0;
+        };
+        let mut n = 0;
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "tmp" || e == "part") {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "meta") {
+                continue;
+            }
+            match self.load_one(&path) {
+                Some(t) => {
+                    self.tasks
+                        .lock()
+                        .expect("tasks lock")
+                        .insert(t.id, Arc::new(t));
+                    n += 1;
+                }
+                None => {
+                    warn!(path = %path.display(), "dropping unreadable task metadata");
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(path.with_extension("data"));
+                }
+            }
+        }
+        // Data without metadata is an ingest that never finished.
+        if let Ok(dir) = std::fs::read_dir(&self.tasks_dir) {
+            for entry in dir.flatten() {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "data") && !p.with_extension("meta").exists()
+                {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        n
+    }
+
+    fn load_one(&self, path: &Path) -> Option<SeedTask> {
+        let stem = path.file_stem()?.to_str()?;
+        let mut id = [0u8; 16];
+        if stem.len() != 32 {
+            return None;
+        }
+        for (i, c) in stem.as_bytes().chunks(2).enumerate() {
+            id[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
+        }
+        let id = TaskId(id);
+        let m: StoredMeta = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        let g = Geometry::new(m.length, m.piece_size).ok()?;
+        let digests: Vec<Sha256> = m
+            .digests
+            .iter()
+            .map(|d| task::parse_digest(d))
+            .collect::<Option<_>>()?;
+        if digests.len() != g.piece_count as usize {
+            return None;
+        }
+        let sha = task::parse_digest(&m.sha256)?;
+        let file = DataFile::open(&path.with_extension("data")).ok()?;
+        let progress = Progress {
+            meta: Some(meta(id, g)),
+            available: g.piece_count,
+            done: Some(sha),
+            failed: None,
+        };
+        Some(SeedTask {
+            id,
+            shown_url: m.url,
+            progress: watch::channel(progress).0,
+            digests: Mutex::new(digests),
+            file: Mutex::new(Some(Arc::new(file))),
+        })
+    }
+}
+
+/// Admin view of the supernode.
+impl admin::StatusSource for Inner {
+    fn status(&self) -> admin::Status {
+        let tasks = self.tasks.lock().expect("tasks lock");
+        let mut list: Vec<admin::TaskStatus> = tasks
+            .values()
+            .map(|t| {
+                let p = t.progress.borrow();
+                admin::TaskStatus {
+                    id: t.id.to_string(),
+                    url: t.shown_url.clone(),
+                    length: p.meta.map(|m| m.length),
+                    piece_count: p.meta.map(|m| m.piece_count),
+                    pieces_done: p.available,
+                    state: if p.failed.is_some() {
+                        "failed"
+                    } else if p.done.is_some() {
+                        "complete"
+                    } else {
+                        "seeding"
+                    }
+                    .into(),
+                    sha256: p.done.as_ref().map(task::format_digest),
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        admin::Status {
+            node: admin::NodeStatus {
+                role: "supernode".into(),
+                node_id: self.node_id.to_string(),
+                labels: self.labels.clone(),
+                uptime_secs: self.started.elapsed().as_secs(),
+            },
+            tasks: list,
+        }
+    }
+}
+
+/// Streams a task's progress to one peer: metadata, digests as pieces land, then the end.
+async fn watch_task(task: Arc<SeedTask>, tx: mpsc::Sender<Control>) {
+    let mut rx = task.progress.subscribe();
+    let mut sent_meta = false;
+    let mut sent: u32 = 0;
+    loop {
+        let p = rx.borrow_and_update().clone();
+        if let Some(err) = p.failed {
+            let _ = tx.send(Control::Error(err)).await;
+            return;
+        }
+        if let Some(m) = p.meta {
+            if !sent_meta {
+                if tx.send(Control::TaskMeta(m)).await.is_err() {
+                    return;
+                }
+                sent_meta = true;
+            }
+            while sent < p.available {
+                let chunk: Vec<Sha256> = {
+                    let d = task.digests.lock().expect("digests lock");
+                    let end = (p.available as usize)
+                        .min(d.len())
+                        .min(sent as usize + MAX_DIGESTS_PER_MESSAGE);
+                    d[sent as usize..end].to_vec()
+                };
+                if chunk.is_empty() {
+                    break;
+                }
+                let n = chunk.len() as u32;
+                if tx
+                    .send(Control::PieceDigests(PieceDigests {
+                        task: task.id,
+                        first: sent,
+                        digests: chunk,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                sent += n;
+            }
+            if let Some(sha) = p.done {
+                if sent == m.piece_count {
+                    let _ = tx
+                        .send(Control::TaskComplete(TaskComplete {
+                            task: task.id,
+                            length: m.length,
+                            sha256: sha,
+                        }))
+                        .await;
+                    return;
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The disk half of an ingest: hash each piece and the whole, store, publish.
+fn write_pieces(
+    rx: std::sync::mpsc::Receiver<Bytes>,
+    file: Arc<DataFile>,
+    task: Arc<SeedTask>,
+    piece_size: u64,
+) -> Result<(Sha256, u64), StoreError> {
+    let mut whole = sha2::Sha256::new();
+    let mut index: u64 = 0;
+    let mut stored: u64 = 0;
+    while let Ok(piece) = rx.recv() {
+        whole.update(&piece);
+        let digest: Sha256 = sha2::Sha256::digest(&piece).into();
+        file.write_at(index * piece_size, &piece)?;
+        stored += piece.len() as u64;
+        task.digests.lock().expect("digests lock").push(digest);
+        index += 1;
+        // A piece is served only once it is on disk and its digest is known.
+        task.progress.send_modify(|p| p.available = index as u32);
+    }
+    Ok((whole.finalize().into(), stored))
+}
+
+fn meta(task: TaskId, g: Geometry) -> TaskMeta {
+    TaskMeta {
+        task,
+        length: g.length,
+        piece_size: g.piece_size,
+        piece_count: g.piece_count,
+    }
+}
+
+fn meta_path(data: &Path) -> PathBuf {
+    data.with_extension("meta")
+}
+
+fn error_msg(task: Option<TaskId>, code: ErrorCode, message: &str) -> ErrorMsg {
+    ErrorMsg {
+        task,
+        code,
+        origin_status: None,
+        message: message.chars().take(MAX_STRING_LEN / 4).collect(),
+    }
+}
+
+fn origin_error(task: TaskId, e: OriginError) -> ErrorMsg {
+    let (code, status) = match &e {
+        OriginError::Status { status, .. } => (ErrorCode::OriginStatus, Some(*status)),
+        OriginError::Unreachable { .. } => (ErrorCode::OriginUnreachable, None),
+        OriginError::Truncated { .. } => (ErrorCode::OriginTruncated, None),
+        OriginError::Invalid(_) => (ErrorCode::OriginUnreachable, None),
+    };
+    ErrorMsg {
+        origin_status: status,
+        ..error_msg(Some(task), code, &e.to_string())
+    }
+}
+
+fn store_error(task: TaskId, e: StoreError) -> ErrorMsg {
+    let code = if matches!(e, StoreError::NoSpace { .. }) {
+        ErrorCode::NoSpace
+    } else {
+        ErrorCode::Internal
+    };
+    error_msg(Some(task), code, &format!("supernode storage: {e}"))
+}
+
+/// Why a control stream ended badly.
+#[derive(Debug, thiserror::Error)]
+enum ControlError {
+    #[error(transparent)]
+    Proto(#[from] proto::ProtoError),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("protocol version mismatch")]
+    Version,
+}
+
+impl From<MeshError> for ControlError {
+    fn from(e: MeshError) -> Self {
+        ControlError::Protocol(e.to_string())
+    }
+}

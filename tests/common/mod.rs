@@ -1,0 +1,566 @@
+//! Shared helpers for the end-to-end tests of the `d7q` binary: a sandbox per test (temp dir,
+//! `HOME`, XDG dirs), processes that die with the test, deterministic test files and their
+//! SHA-256, the cluster PKI, a supernode process, and an HTTPS origin ([`d7q::devserver`]).
+//!
+//! Every process run is bounded by a timeout, so a hung binary fails the test instead of hanging
+//! the suite. Nothing here measures time: tests assert outcomes only.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use d7q::devserver::{DevCa, DevServer};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Piece size for files up to 1 GiB.
+pub const PIECE: u64 = 1 << 20;
+
+/// Longest a single `d7q` command may run before the test kills it and fails.
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Longest a supernode may take to print its `ready` line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The path of the binary under test.
+pub fn d7q() -> &'static str {
+    env!("CARGO_BIN_EXE_d7q")
+}
+
+/// A sandbox for one test: a temp dir that also serves as `HOME` and the XDG dirs of every
+/// process the test starts, so no test sees another's (or the user's) config, cache or daemon.
+pub struct Env {
+    dir: TempDir,
+}
+
+/// What a finished `d7q` command left behind.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// The command line, for messages.
+    pub command: String,
+}
+
+/// A cluster CA and the identities issued from it.
+pub struct Cluster {
+    /// The CA directory (`ca.pem`, `ca.key`).
+    pub ca: PathBuf,
+    /// A node identity for the supernode.
+    pub supernode_pki: PathBuf,
+    /// A node identity for clients.
+    pub client_pki: PathBuf,
+}
+
+/// A running `d7q supernode`, killed on drop. Its stderr goes to a log file that is printed when
+/// the test fails.
+pub struct Supernode {
+    child: Child,
+    /// The mesh address from the `ready mesh=…` line.
+    pub mesh: SocketAddr,
+    /// The whole `ready` line.
+    pub ready_line: String,
+    log: PathBuf,
+}
+
+/// An HTTPS origin with its own CA, serving files from a directory of the sandbox.
+pub struct Origin {
+    pub server: DevServer,
+    pub ca: DevCa,
+    /// The CA certificate as a PEM file, for `--origin-ca` / `SSL_CERT_FILE`.
+    pub ca_file: PathBuf,
+    pub root: PathBuf,
+}
+
+/// A `d7q get` to run: build it up, then [`Get::run`].
+pub struct Get<'a> {
+    env: &'a Env,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    timeout: Duration,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("d7q-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        for sub in [
+            "home",
+            "xdg-config",
+            "xdg-cache",
+            "xdg-data",
+            "xdg-state",
+            "xdg-run",
+        ] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("sandbox dir");
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A new empty directory `name` in the sandbox.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::create_dir_all(&path).expect("create dir");
+        path
+    }
+
+    /// A `d7q` command with the sandboxed environment; the process is killed if dropped.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(d7q());
+        let p = self.path();
+        cmd.env("HOME", p.join("home"))
+            .env("XDG_CONFIG_HOME", p.join("xdg-config"))
+            .env("XDG_CACHE_HOME", p.join("xdg-cache"))
+            .env("XDG_DATA_HOME", p.join("xdg-data"))
+            .env("XDG_STATE_HOME", p.join("xdg-state"))
+            .env("XDG_RUNTIME_DIR", p.join("xdg-run"))
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .env_remove("D7Q_LOG")
+            .env_remove("RUST_LOG")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY")
+            .current_dir(p)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `d7q ARGS…` to completion (at most [`TIMEOUT`]).
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.run_with(&args, &[], TIMEOUT).await
+    }
+
+    /// Runs `d7q ARGS…` with extra environment variables, killing it after `timeout`.
+    pub async fn run_with(
+        &self,
+        args: &[String],
+        envs: &[(String, String)],
+        timeout: Duration,
+    ) -> Output {
+        let command = format!("d7q {}", args.join(" "));
+        let mut cmd = self.command();
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {command}: {e}"));
+        // Dropping the future on timeout drops the child, which kills it.
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => Output {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                command,
+            },
+            Ok(Err(e)) => panic!("waiting for {command}: {e}"),
+            Err(_) => panic!("{command} did not finish within {timeout:?}; killed"),
+        }
+    }
+
+    /// `d7q ca init` into `NAME/` and, for each node name, `d7q ca issue` into `NAME-NODE/`.
+    pub async fn ca(&self, name: &str, nodes: &[&str]) -> (PathBuf, Vec<PathBuf>) {
+        let ca = self.path().join(name);
+        let ca_str = ca.to_str().expect("utf-8 path");
+        self.run(&["ca", "init", "--dir", ca_str]).await.ok();
+        for file in ["ca.pem", "ca.key"] {
+            assert!(ca.join(file).is_file(), "ca init did not write {file}");
+        }
+        let mut issued = Vec::new();
+        for node in nodes {
+            let out = self.path().join(format!("{name}-{node}"));
+            let out_str = out.to_str().expect("utf-8 path");
+            self.run(&[
+                "ca", "issue", "--dir", ca_str, "--name", node, "--out", out_str,
+            ])
+            .await
+            .ok();
+            for file in ["ca.pem", "node.pem", "node.key"] {
+                assert!(out.join(file).is_file(), "ca issue did not write {file}");
+            }
+            issued.push(out);
+        }
+        (ca, issued)
+    }
+
+    /// A cluster CA with one supernode identity and one client identity.
+    pub async fn cluster(&self) -> Cluster {
+        let (ca, nodes) = self.ca("cluster", &["supernode", "client"]).await;
+        Cluster {
+            ca,
+            supernode_pki: nodes[0].clone(),
+            client_pki: nodes[1].clone(),
+        }
+    }
+
+    /// Starts `d7q supernode` on a free port with identity `pki`, trusting `origin_ca` for
+    /// origins, and waits for its `ready mesh=…` line.
+    pub async fn supernode(&self, pki: &Path, origin_ca: Option<&Path>) -> Supernode {
+        let name = pki.file_name().and_then(|n| n.to_str()).unwrap_or("sn");
+        let data = self.dir(&format!("supernode-data-{name}"));
+        let log = self.path().join(format!("supernode-{name}.log"));
+        let log_file = std::fs::File::create(&log).expect("supernode log");
+        let mut cmd = self.command();
+        cmd.args(["supernode", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .arg("--pki")
+            .arg(pki);
+        if let Some(ca) = origin_ca {
+            cmd.arg("--origin-ca").arg(ca);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::from(log_file));
+        let mut child = cmd.spawn().expect("spawn supernode");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(READY_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await.ok().flatten() {
+                if line.starts_with("ready ") {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        let line = match ready {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                let status = child.wait().await;
+                panic!(
+                    "supernode exited before it was ready ({status:?}); log:\n{}",
+                    read_lossy(&log)
+                )
+            }
+            Err(_) => panic!(
+                "supernode not ready within {READY_TIMEOUT:?}; log:\n{}",
+                read_lossy(&log)
+            ),
+        };
+        let mesh = field(&line, "mesh")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no mesh=ADDR in the ready line {line:?}"));
+        // Keep draining stdout so the supernode never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Supernode {
+            child,
+            mesh,
+            ready_line: line,
+            log,
+        }
+    }
+
+    /// An HTTPS origin with a fresh CA, serving `origin/` of the sandbox.
+    pub async fn origin(&self) -> Origin {
+        let root = self.dir("origin");
+        let ca = DevCa::new();
+        let ca_file = self.path().join("origin-ca.pem");
+        ca.write_pem(&ca_file).expect("write origin CA");
+        let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let server = DevServer::start(root.clone(), bind, Some(&ca))
+            .await
+            .expect("start origin");
+        Origin {
+            server,
+            ca,
+            ca_file,
+            root,
+        }
+    }
+
+    /// A `d7q get URL -o OUT`, to be completed with flags and run.
+    pub fn get(&self, url: &str, out: &Path) -> Get<'_> {
+        Get {
+            env: self,
+            args: vec![
+                "get".into(),
+                url.into(),
+                "-o".into(),
+                out.to_str().expect("utf-8 path").into(),
+            ],
+            envs: Vec::new(),
+            timeout: TIMEOUT,
+        }
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Output {
+    /// Asserts success; returns self for chaining.
+    #[track_caller]
+    pub fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "`{}` failed:\n{self}", self.command);
+        self
+    }
+
+    /// Asserts exit code `code` and a one-line `d7q: ` message on stderr containing `needle`.
+    #[track_caller]
+    pub fn fails(&self, code: i32, needle: &str) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "`{}`: wrong exit code (want {code}):\n{self}",
+            self.command
+        );
+        let message = self.stderr.trim_end();
+        assert!(
+            message.starts_with("d7q: ") && !message.contains('\n'),
+            "`{}`: stderr is not one `d7q: ` line:\n{self}",
+            self.command
+        );
+        assert!(
+            message.contains(needle),
+            "`{}`: stderr lacks {needle:?}:\n{self}",
+            self.command
+        );
+        self
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit code {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Supernode {
+    /// `--supernode ADDR`.
+    pub fn addr(&self) -> String {
+        self.mesh.to_string()
+    }
+
+    /// The supernode's log so far.
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+}
+
+impl Drop for Supernode {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- supernode {} log ({}):\n{}",
+                self.mesh,
+                self.log.display(),
+                tail(&read_lossy(&self.log), 200)
+            );
+        }
+    }
+}
+
+impl Origin {
+    /// Writes `len` bytes of pseudo-random content (seeded by `name`) to `name` under the root;
+    /// returns its SHA-256, hex.
+    pub fn file(&self, name: &str, len: u64) -> String {
+        write_file(&self.root.join(name), len, seed_of(name))
+    }
+
+    /// The URL of `name`.
+    pub fn url(&self, name: &str) -> String {
+        self.server.url(&format!("/{name}"))
+    }
+
+    /// GET requests that reached `name`.
+    pub fn gets(&self, name: &str) -> u64 {
+        self.server.get_count(&format!("/{name}"))
+    }
+}
+
+impl<'a> Get<'a> {
+    /// Through this supernode, with this identity.
+    pub fn via(mut self, supernode: &Supernode, pki: &Path) -> Self {
+        self.args.push("--supernode".into());
+        self.args.push(supernode.addr());
+        self.pki(pki)
+    }
+
+    pub fn pki(mut self, pki: &Path) -> Self {
+        self.args.push("--pki".into());
+        self.args.push(pki.to_str().expect("utf-8 path").into());
+        self
+    }
+
+    pub fn origin_ca(mut self, file: &Path) -> Self {
+        self.args.push("--origin-ca".into());
+        self.args.push(file.to_str().expect("utf-8 path").into());
+        self
+    }
+
+    /// `--digest sha256:HEX`.
+    pub fn digest(mut self, sha256_hex: &str) -> Self {
+        self.args.push("--digest".into());
+        self.args.push(format!("sha256:{sha256_hex}"));
+        self
+    }
+
+    /// `--header 'NAME: VALUE'`.
+    pub fn header(mut self, header: &str) -> Self {
+        self.args.push("--header".into());
+        self.args.push(header.into());
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub async fn run(self) -> Output {
+        self.env
+            .run_with(&self.args, &self.envs, self.timeout)
+            .await
+    }
+}
+
+/// Value of `key=` in a line of space-separated `key=value` fields.
+pub fn field<'l>(line: &'l str, key: &str) -> Option<&'l str> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Writes `len` deterministic pseudo-random bytes to `path` without holding them in memory and
+/// returns their SHA-256, hex. Content is made block by block: one pseudo-random 1 MiB block from
+/// `seed`, with the block index mixed into every word, so every piece differs.
+pub fn write_file(path: &Path, len: u64, seed: u64) -> String {
+    const BLOCK: usize = 1 << 20;
+    let mut base = vec![0u64; BLOCK / 8];
+    let mut state = seed;
+    for word in &mut base {
+        *word = splitmix64(&mut state);
+    }
+    let mut out = io::BufWriter::with_capacity(BLOCK, std::fs::File::create(path).expect("create"));
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; BLOCK];
+    let mut written = 0u64;
+    let mut index = 0u64;
+    while written < len {
+        let mut mix_state = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mix = splitmix64(&mut mix_state);
+        for (chunk, word) in block.chunks_exact_mut(8).zip(&base) {
+            chunk.copy_from_slice(&(word ^ mix).to_le_bytes());
+        }
+        let n = (len - written).min(BLOCK as u64) as usize;
+        out.write_all(&block[..n]).expect("write");
+        hasher.update(&block[..n]);
+        written += n as u64;
+        index += 1;
+    }
+    out.into_inner().expect("flush").sync_all().expect("sync");
+    hex(&hasher.finalize())
+}
+
+/// SHA-256 of a file, hex, read in chunks.
+pub fn sha256_file(path: &Path) -> String {
+    let mut file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    hex(&hasher.finalize())
+}
+
+/// SHA-256 of bytes, hex.
+pub fn sha256(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Asserts that `dir` holds exactly the entries `names` (so no temp file is left beside them).
+#[track_caller]
+pub fn assert_only(dir: &Path, names: &[&str]) {
+    let found: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let want: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+    assert_eq!(found, want, "unexpected contents of {}", dir.display());
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on (bound, then released).
+pub fn closed_tcp_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A UDP port on 127.0.0.1 that nothing listens on (bound, then released).
+pub fn closed_udp_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr").port()
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,108 @@
+//! Length-prefixed framing: a 4-byte big-endian payload length, then the payload.
+//!
+//! The length is checked against [`MAX_MESSAGE_SIZE`] before any buffer grows, so a peer that
+//! announces a huge frame costs us four bytes, not memory.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{codec, DecodeError, EncodeError, MAX_MESSAGE_SIZE};
+
+/// Length of the frame prefix.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The announced payload is larger than [`MAX_MESSAGE_SIZE`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")]
+    TooLarge(usize),
+    /// The payload did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The message to send could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
+/// Appends one framed message to `out`; on error `out` is left as it was.
+pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    if let Err(e) = codec::encode(msg, out) {
+        out.truncate(start);
+        return Err(e.into());
+    }
+    let len = (out.len() - start - FRAME_HEADER_LEN) as u32;
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Reads the payload length from a frame header, refusing lengths over the limit.
+pub fn payload_len(header: [u8; FRAME_HEADER_LEN]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_MESSAGE_SIZE {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Incremental decoder over a byte buffer: feed bytes, take whole messages out.
+///
+/// Says "incomplete, read more" by returning `Ok(None)`, in the manner of mini-redis' frame
+/// parser; it never reads from anywhere itself.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Start of the undecoded bytes in `buf`. Taking a message only moves this; the consumed
+    /// prefix is dropped in [`FrameDecoder::extend`] once it is at least half the buffer, so a
+    /// burst of small frames costs linear time rather than one memmove of the rest per frame.
+    pos: usize,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends received bytes.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Takes the next whole message, `Ok(None)` if more bytes are needed.
+    ///
+    /// After an error the stream is unusable: the caller closes it.
+    // Not an `Iterator`: the message type is chosen per call and "need more bytes" is not "end".
+    #[allow(clippy::should_implement_trait)]
+    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let rest = &self.buf[self.pos..];
+        if rest.len() < FRAME_HEADER_LEN {
+            return Ok(None);
+        }
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        header.copy_from_slice(&rest[..FRAME_HEADER_LEN]);
+        let len = payload_len(header)?;
+        if rest.len() - FRAME_HEADER_LEN < len {
+            return Ok(None);
+        }
+        let msg = codec::decode(&rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len])?;
+        self.pos += FRAME_HEADER_LEN + len;
+        if self.pos == self.buf.len() {
+            // Everything taken: start over without moving a byte.
+            self.buf.clear();
+            self.pos = 0;
+        }
+        Ok(Some(msg))
+    }
+}
