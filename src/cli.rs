@@ -154,6 +154,8 @@ pub fn main() -> i32 {
     };
     let default_log = match cli.cmd {
         Cmd::Supernode(_) => "info",
+        // `get` reports its own failure in one line; logs only when asked for.
+        Cmd::Get(_) => "off",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_log))

@@ -151,7 +151,7 @@ struct Download {
     digests: Vec<Option<Sha256>>,
     attempts: Vec<u32>,
     writer_tx: Option<std::sync::mpsc::SyncSender<(u32, Bytes)>>,
-    writer: Option<tokio::task::JoinHandle<Result<Sha256, StoreError>>>,
+    writer: Option<tokio::task::JoinHandle<Result<Option<Sha256>, StoreError>>>,
     bytes_done: u64,
 }
 
@@ -354,7 +354,8 @@ fn start_download(g: Geometry, req: &GetRequest) -> Result<Download, GetError> {
     let output = TempOutput::create(&req.output, g.length)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<(u32, Bytes)>(WRITE_QUEUE_PIECES);
     let file = output.file_handle();
-    let writer = tokio::task::spawn_blocking(move || write_and_hash(rx, file, g));
+    let hash = req.digest.is_some();
+    let writer = tokio::task::spawn_blocking(move || write_pieces(rx, file, g, hash));
     info!(
         length = g.length,
         pieces = g.piece_count,
@@ -384,15 +385,10 @@ async fn finish(
         .expect("writer present")
         .await
         .map_err(|e| GetError::Mesh(format!("writer: {e}")))??;
-    if sha != seed_sha {
-        return Err(GetError::Integrity(format!(
-            "digest mismatch: content is {}, the seed announced {}",
-            task::format_digest(&sha),
-            task::format_digest(&seed_sha)
-        )));
-    }
-    if let Some(want) = expected {
-        if want != sha {
+    // Every piece was verified against the seed's digests on arrival. With an expected digest,
+    // the whole content is hashed as well and must match it (and what the seed announced).
+    if let (Some(want), Some(sha)) = (expected, sha) {
+        if want != sha || sha != seed_sha {
             return Err(GetError::Integrity(format!(
                 "digest mismatch: expected {}, got {}",
                 task::format_digest(&want),
@@ -405,12 +401,53 @@ async fn finish(
     tokio::task::spawn_blocking(move || d.output.commit())
         .await
         .map_err(|e| GetError::Mesh(format!("commit: {e}")))??;
-    Ok((length, sha, bytes))
+    Ok((length, seed_sha, bytes))
 }
 
-/// Writes pieces at their offsets and hashes the content in order, re-reading from the file
-/// pieces that arrived too far ahead to keep in memory.
-fn write_and_hash(
+/// Writes pieces at their offsets. When the content has an expected digest, a second thread
+/// hashes it in order meanwhile, so the disk and the hash do not wait on each other.
+fn write_pieces(
+    rx: std::sync::mpsc::Receiver<(u32, Bytes)>,
+    file: Arc<DataFile>,
+    g: Geometry,
+    hash: bool,
+) -> Result<Option<Sha256>, StoreError> {
+    let hasher = hash.then(|| {
+        let (htx, hrx) = std::sync::mpsc::sync_channel::<(u32, Bytes)>(WRITE_QUEUE_PIECES);
+        let f = file.clone();
+        (htx, std::thread::spawn(move || hash_in_order(hrx, f, g)))
+    });
+    let mut result = Ok(());
+    while let Ok((i, bytes)) = rx.recv() {
+        if let Err(e) = file.write_at(g.offset(i), &bytes) {
+            result = Err(e);
+            break;
+        }
+        if let Some((htx, _)) = &hasher {
+            if htx.send((i, bytes)).is_err() {
+                break;
+            }
+        }
+    }
+    let sha = match hasher {
+        Some((htx, handle)) => {
+            drop(htx);
+            let joined = handle.join().map_err(|_| StoreError::Io {
+                path: file.path().to_path_buf(),
+                source: std::io::Error::other("hash thread panicked"),
+            })?;
+            Some(joined?)
+        }
+        None => None,
+    };
+    result?;
+    Ok(sha)
+}
+
+/// SHA-256 of the whole content from pieces arriving in any order: in-order pieces are hashed
+/// at once, pieces ahead are kept up to a window and re-read from the file beyond it (they are
+/// on disk before they get here).
+fn hash_in_order(
     rx: std::sync::mpsc::Receiver<(u32, Bytes)>,
     file: Arc<DataFile>,
     g: Geometry,
@@ -419,7 +456,6 @@ fn write_and_hash(
     let mut next: u32 = 0;
     let mut pending: BTreeMap<u32, Option<Bytes>> = BTreeMap::new();
     while let Ok((i, bytes)) = rx.recv() {
-        file.write_at(g.offset(i), &bytes)?;
         if i == next {
             whole.update(&bytes);
             next += 1;
@@ -435,7 +471,7 @@ fn write_and_hash(
             next += 1;
         }
     }
-    // Anything left (only on early exit) is not hashed: the caller compares and fails.
+    // Pieces missing (only on an early exit) leave a wrong hash: the caller compares and fails.
     Ok(whole.finalize().into())
 }
 

@@ -25,6 +25,12 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(4);
 /// A connection with no traffic at all for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest UDP payload we accept and the ceiling of path-MTU discovery. Paths with a 1500-byte
+/// MTU settle at 1452 (discovery probes above it are simply lost); jumbo-frame paths and
+/// loopback get fewer, larger packets — fewer syscalls, less per-packet crypto setup.
+pub const MAX_UDP_PAYLOAD: u16 = 16 * 1024;
+/// Socket buffers asked of the kernel (it caps them at net.core.{r,w}mem_max unless root).
+pub const SOCKET_BUFFER: usize = 8 << 20;
 
 /// Application close codes on the mesh.
 pub mod close {
@@ -104,6 +110,9 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
     t.send_window(CONNECTION_RECEIVE_WINDOW as u64);
     t.keep_alive_interval(Some(KEEP_ALIVE));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout in range"),
     ));
@@ -117,20 +126,46 @@ pub fn endpoint(
     serve: bool,
 ) -> Result<quinn::Endpoint, MeshError> {
     let transport = Arc::new(transport_config());
-    let mut ep = if serve {
+    let server = if serve {
         let tls = identity.server_config(&[d7q_wire::ALPN, d7q_wire::ADMIN_ALPN])?;
         let crypto =
             QuicServerConfig::try_from(tls).map_err(|e| MeshError::Setup(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport.clone());
-        quinn::Endpoint::server(server, listen)
-            .map_err(|e| MeshError::Setup(format!("bind {listen}: {e}")))?
+        server.transport_config(transport);
+        Some(server)
     } else {
-        quinn::Endpoint::client(listen)
-            .map_err(|e| MeshError::Setup(format!("bind {listen}: {e}")))?
+        None
     };
+    let socket = udp_socket(listen).map_err(|e| MeshError::Setup(format!("bind {listen}: {e}")))?;
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| MeshError::Setup(e.to_string()))?;
+    let mut ep = quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|e| MeshError::Setup(format!("bind {listen}: {e}")))?;
     ep.set_default_client_config(client_config(identity, d7q_wire::ALPN)?);
     Ok(ep)
+}
+
+/// A UDP socket with large buffers, so bursts at high rates are not dropped by the kernel.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        let size = SOCKET_BUFFER as libc::c_int;
+        // SAFETY: a valid fd, a pointer to a c_int and its size. Failure only leaves the
+        // kernel's default buffer, which works, more slowly.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    Ok(socket)
 }
 
 /// A client configuration speaking `alpn`.

@@ -368,3 +368,44 @@ async fn usage_errors() {
     assert_only(&out, &[]);
     assert_eq!(origin.gets("u.bin"), 0);
 }
+
+/// Four clients at once while the origin cuts every download: all four fail cleanly, nothing
+/// is cached, and once the origin recovers a get succeeds from a new origin download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_gets_all_fail_when_the_origin_fails() {
+    let env = Env::new();
+    let origin = env.origin().await;
+    let name = "flaky.bin";
+    let sha = origin.file(name, 8 * common::PIECE + 5);
+    origin
+        .server
+        .set_fault("/flaky.bin", Fault::ResetAfter(3 * common::PIECE));
+    let (_ca, nodes) = env
+        .ca("cluster", &["supernode", "c1", "c2", "c3", "c4"])
+        .await;
+    let sn = env.supernode(&nodes[0], Some(&origin.ca_file)).await;
+    let url = origin.url(name);
+    let dirs: Vec<_> = (1..=4).map(|i| env.dir(&format!("out{i}"))).collect();
+    let gets = dirs
+        .iter()
+        .zip(&nodes[1..])
+        .map(|(dir, pki)| env.get(&url, &dir.join(name)).via(&sn, pki).run());
+    for output in futures_util::future::join_all(gets).await {
+        output.fails(ORIGIN, "origin body truncated");
+    }
+    for dir in &dirs {
+        assert_only(dir, &[]);
+    }
+    let asked = origin.gets(name);
+    assert!(asked >= 1);
+
+    origin.server.clear_fault("/flaky.bin");
+    let dir = env.dir("recovered");
+    env.get(&url, &dir.join(name))
+        .via(&sn, &nodes[1])
+        .run()
+        .await
+        .ok();
+    assert_eq!(sha256_file(&dir.join(name)), sha);
+    assert_eq!(origin.gets(name), asked + 1);
+}

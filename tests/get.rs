@@ -99,6 +99,52 @@ async fn concurrent_gets_share_one_origin_download_and_later_gets_are_cached() {
     assert_eq!(origin.gets(name), 1, "a cached get went to the origin");
 }
 
+/// Several downloads at once from one node identity (one host running several gets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_gets_from_one_identity() {
+    let env = Env::new();
+    let origin = env.origin().await;
+    let names = ["a.bin", "b.bin", "c.bin"];
+    let shas: Vec<_> = names
+        .iter()
+        .map(|n| origin.file(n, 3 * PIECE + 7))
+        .collect();
+    let cluster = env.cluster().await;
+    let sn = env
+        .supernode(&cluster.supernode_pki, Some(&origin.ca_file))
+        .await;
+    let out = env.dir("out");
+    let gets = names.iter().flat_map(|n| {
+        let out = &out;
+        let env = &env;
+        let origin = &origin;
+        let sn = &sn;
+        let pki = &cluster.client_pki;
+        (0..2).map(move |i| {
+            env.get(&origin.url(n), &out.join(format!("{i}-{n}")))
+                .via(sn, pki)
+                .run()
+        })
+    });
+    for output in futures_util::future::join_all(gets).await {
+        output.ok();
+    }
+    for (n, sha) in names.iter().zip(&shas) {
+        for i in 0..2 {
+            assert_eq!(&sha256_file(&out.join(format!("{i}-{n}"))), sha);
+        }
+        assert_eq!(origin.gets(n), 1, "{n}");
+    }
+    let mut want: Vec<String> = Vec::new();
+    for n in names {
+        for i in 0..2 {
+            want.push(format!("{i}-{n}"));
+        }
+    }
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    assert_only(&out, &want);
+}
+
 /// The same client twice: the second get is served from the supernode's cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_get_of_the_same_url_is_cached() {

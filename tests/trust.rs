@@ -3,7 +3,11 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::{assert_only, closed_udp_port, Env};
+use d7q::pki::{NodeIdentity, MESH_SERVER_NAME};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 /// Exit code of the command-line contract for mesh failures.
 const MESH: i32 = 5;
@@ -97,4 +101,74 @@ async fn an_unreachable_supernode_is_a_mesh_failure() {
         .fails(MESH, "");
     assert_only(&out, &[]);
     assert_eq!(origin.gets("x.bin"), 0);
+}
+
+/// A node speaking another major version of the mesh protocol (ALPN `d7q/2`) is refused both
+/// ways, even with a certificate from the right CA: the supernode refuses such a client, and
+/// `d7q get` refuses such a supernode with exit 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_major_version_is_refused_both_ways() {
+    let env = Env::new();
+    let origin = env.origin().await;
+    let sha = origin.file("v.bin", 1000);
+    let (_ca, nodes) = env.ca("cluster", &["supernode", "client", "future"]).await;
+    let sn = env.supernode(&nodes[0], Some(&origin.ca_file)).await;
+    let future = NodeIdentity::load(&nodes[2]).expect("load identity");
+
+    // A d7q/2 client against the real supernode.
+    let tls = future.client_config(&[b"d7q/2"]).expect("client config");
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).unwrap(),
+    )));
+    let connecting = client.connect(sn.mesh, MESH_SERVER_NAME).unwrap();
+    let refused = match tokio::time::timeout(common::TIMEOUT, connecting).await {
+        Err(_) => panic!("the handshake with the supernode hung"),
+        Ok(Err(e)) => e.to_string(),
+        // Accepted at the TLS level: the supernode must then close it.
+        Ok(Ok(conn)) => match tokio::time::timeout(common::TIMEOUT, conn.closed()).await {
+            Ok(reason) => reason.to_string(),
+            Err(_) => panic!("the supernode kept a d7q/2 connection open"),
+        },
+    };
+    assert!(!refused.is_empty());
+    client.close(0u32.into(), b"");
+
+    // A d7q/2 server against `d7q get`.
+    let tls = future.server_config(&[b"d7q/2"]).expect("server config");
+    let server = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap())),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let fake = server.local_addr().unwrap().to_string();
+    let acceptor = server.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = acceptor.accept().await {
+            tokio::spawn(async move {
+                if let Ok(conn) = incoming.await {
+                    conn.closed().await;
+                }
+            });
+        }
+    });
+    let out = env.dir("out");
+    env.get(&origin.url("v.bin"), &out.join("v.bin"))
+        .arg("--supernode")
+        .arg(&fake)
+        .pki(&nodes[1])
+        .run()
+        .await
+        .fails(MESH, "version");
+    assert_only(&out, &[]);
+    server.close(0u32.into(), b"");
+    assert_eq!(origin.gets("v.bin"), 0);
+
+    // The real supernode still serves d7q/1 clients.
+    env.get(&origin.url("v.bin"), &out.join("v.bin"))
+        .via(&sn, &nodes[1])
+        .run()
+        .await
+        .ok();
+    assert_eq!(common::sha256_file(&out.join("v.bin")), sha);
 }

@@ -491,13 +491,13 @@ async fn client_side(shared: Arc<Shared>) {
         };
         let known = {
             let mut state = shared.lock();
-            let (full, max) = (state.sessions.len(), state.max_sessions);
+            let (open, max) = (state.sessions.len(), state.max_sessions);
             match state.sessions.get_mut(&client) {
                 Some(session) => {
                     session.last_active = clock();
                     true
                 }
-                None if full >= max => {
+                None if open >= max => {
                     state.stats.refused_packets += 1;
                     continue;
                 }
@@ -570,7 +570,7 @@ async fn scheduler(shared: Arc<Shared>, idle_timeout: Duration) {
                 let Some(Reverse(packet)) = state.pending.pop() else {
                     break;
                 };
-                state.pending_bytes -= packet.data.len();
+                state.pending_bytes = state.pending_bytes.saturating_sub(packet.data.len());
                 let socket = match packet.direction {
                     // Looked up at send time, so a rebind applies to packets already queued.
                     Direction::Up => match state.sessions.get(&packet.client) {

@@ -1,1 +1,52 @@
-fn main() {}
+//! `d7q-bench`: the benchmarks of d7q, one subcommand per measurement of `BENCH.md`.
+//!
+//! A map of the crate:
+//!
+//! - [`transfer`]: row c, one transfer on loopback — the QUIC mesh against HTTPS over TCP.
+//! - [`https`]: the baseline HTTPS client (hyper + rustls), run as its own process through the
+//!   hidden `https-get` subcommand so it is timed exactly like `d7q get`.
+//! - [`util`]: child processes with wall-clock and CPU time, temp dirs, test data, statistics.
+//!
+//! Every benchmark interleaves its variants round by round, reports the median and the spread,
+//! prints a table for people and writes a JSON file for machines. Absolute numbers mean little on
+//! a shared machine; the ratios measured in one run are the result.
+
+mod https;
+mod transfer;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks for d7q (see BENCH.md): each compares d7q with a baseline in the same run.
+#[derive(Parser, Debug)]
+#[command(name = "d7q-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Row c: one transfer on loopback, QUIC mesh vs HTTPS over TCP (hyper + rustls).
+    Transfer(transfer::Args),
+    /// One HTTPS GET to a file (the baseline client the benchmarks spawn).
+    #[command(hide = true)]
+    HttpsGet(https::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Cmd::Transfer(a) => transfer::run(a),
+        Cmd::HttpsGet(a) => https::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("d7q-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

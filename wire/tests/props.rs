@@ -262,6 +262,10 @@ fn encoded<T: serde::Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+fn framed_len(msg: &Control) -> usize {
+    FRAME_HEADER_LEN + encoded(msg).len()
+}
+
 /// Takes every message a decoder yields until it wants more bytes or fails. Each `Ok(Some)`
 /// consumes bytes, so this ends.
 fn drain<T: serde::de::DeserializeOwned>(dec: &mut FrameDecoder) -> (Vec<T>, Option<FrameError>) {
@@ -437,6 +441,36 @@ proptest! {
             prop_assert!(err.is_none(), "error on a valid stream: {:?}", err);
             got.extend(more);
         }
+        prop_assert_eq!(got, msgs);
+        prop_assert_eq!(dec.buffered(), 0);
+    }
+
+    // (e) The same when the reader takes at most one message per chunk it feeds, so undecoded
+    // frames pile up behind consumed ones; `buffered` always counts exactly the bytes not taken.
+    #[test]
+    fn lazy_reader_yields_same_messages(
+        msgs in vec(control(), 1..12),
+        chunk in 1usize..64,
+    ) {
+        let mut stream = Vec::new();
+        for m in &msgs {
+            encode_frame(m, &mut stream).unwrap();
+        }
+        let mut dec = FrameDecoder::new();
+        let mut got = Vec::new();
+        let mut taken = 0;
+        for piece in stream.chunks(chunk) {
+            dec.extend(piece);
+            taken += piece.len();
+            if let Some(m) = dec.next::<Control>().unwrap() {
+                got.push(m);
+            }
+            let consumed: usize = got.iter().map(framed_len).sum();
+            prop_assert_eq!(dec.buffered(), taken - consumed);
+        }
+        let (rest, err) = drain::<Control>(&mut dec);
+        prop_assert!(err.is_none());
+        got.extend(rest);
         prop_assert_eq!(got, msgs);
         prop_assert_eq!(dec.buffered(), 0);
     }

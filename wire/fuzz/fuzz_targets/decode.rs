@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(req) = decode::<PieceRequest>(data) {
         let mut out = Vec::new();
         encode(&req, &mut out).expect("a decoded request re-encodes");
-        assert_eq!(decode::<PieceRequest>(&out).expect("and decodes again"), req);
+        assert_eq!(
+            decode::<PieceRequest>(&out).expect("and decodes again"),
+            req
+        );
     }
     if let Ok(bitmap) = decode::<Bitmap>(data) {
         assert!(bitmap.iter_ones().all(|i| i < bitmap.len()));
