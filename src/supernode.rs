@@ -237,6 +237,9 @@ impl Inner {
                 )),
             )
             .await;
+            // Closing the connection discards unsent data: let the error reach the peer first.
+            let _ = send.finish();
+            let _ = tokio::time::timeout(proto::REQUEST_TIMEOUT, send.stopped()).await;
             return Err(ControlError::Version);
         }
         proto::write_msg(

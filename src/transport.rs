@@ -25,10 +25,10 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(4);
 /// A connection with no traffic at all for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Largest UDP payload we accept and the ceiling of path-MTU discovery. Paths with a 1500-byte
-/// MTU settle at 1452 (discovery probes above it are simply lost); jumbo-frame paths and
-/// loopback get fewer, larger packets — fewer syscalls, less per-packet crypto setup.
-pub const MAX_UDP_PAYLOAD: u16 = 16 * 1024;
+/// Largest UDP payload we accept (Ethernet MTU less IP and UDP headers). Larger datagrams
+/// were tried on loopback: path-MTU discovery raised packets to 16 KiB and CONNECTION_CLOSE
+/// frames stopped arriving, so the mesh stays at Ethernet sizes until that is understood.
+pub const MAX_UDP_PAYLOAD: u16 = 1472;
 /// Socket buffers asked of the kernel (it caps them at net.core.{r,w}mem_max unless root).
 pub const SOCKET_BUFFER: usize = 8 << 20;
 
@@ -110,9 +110,6 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
     t.send_window(CONNECTION_RECEIVE_WINDOW as u64);
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout in range"),
     ));

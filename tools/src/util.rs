@@ -56,11 +56,13 @@ impl CpuTimes {
         self.user + self.sys
     }
 
-    /// CPU used since `earlier`, a reading of the same counter.
+    /// CPU used since `earlier`, a reading of the same counter (rounded to the clock tick, so
+    /// the difference of two tick counts prints as one).
     pub fn since(&self, earlier: CpuTimes) -> CpuTimes {
+        let tick = |s: f64| (s * USER_HZ).round() / USER_HZ;
         CpuTimes {
-            user: self.user - earlier.user,
-            sys: self.sys - earlier.sys,
+            user: tick(self.user - earlier.user),
+            sys: tick(self.sys - earlier.sys),
         }
     }
 
