@@ -75,9 +75,11 @@ pub enum Fault {
     RequireAuth(String),
     /// Send the headers (full `Content-Length`), then this many body bytes at most, then abort the
     /// TCP connection with a reset. A body no longer than this is sent whole and nothing is cut.
+    /// The whole connection goes, so other requests multiplexed on it (HTTP/2) fail too.
     ResetAfter(u64),
     /// Declare `declared` bytes in `Content-Length`, send only `sent` bytes (the file's first
-    /// bytes, zeros past its end or when there is no file), then close the connection.
+    /// bytes, zeros past its end or when there is no file), then close the connection (as
+    /// [`Fault::ResetAfter`], other requests multiplexed on it fail too).
     ShortBody { declared: u64, sent: u64 },
     /// Answer 302 Found with this `Location` (absolute or relative).
     Redirect(String),

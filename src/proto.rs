@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use d7q_wire::frame::{self, FRAME_HEADER_LEN};
+use d7q_wire::Bounded;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// How long a peer may take to send the request of a piece stream.
@@ -32,7 +33,7 @@ pub enum ProtoError {
 }
 
 /// Reads one framed message; `Ok(None)` when the stream ends cleanly before a new frame.
-pub async fn read_msg<T: DeserializeOwned>(
+pub async fn read_msg<T: DeserializeOwned + Bounded>(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<T>, ProtoError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
@@ -45,12 +46,12 @@ pub async fn read_msg<T: DeserializeOwned>(
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await?;
     Ok(Some(
-        d7q_wire::decode(&payload).map_err(frame::FrameError::from)?,
+        d7q_wire::decode_checked(&payload).map_err(frame::FrameError::from)?,
     ))
 }
 
 /// Reads one framed message, which must be there.
-pub async fn expect_msg<T: DeserializeOwned>(
+pub async fn expect_msg<T: DeserializeOwned + Bounded>(
     recv: &mut quinn::RecvStream,
 ) -> Result<T, ProtoError> {
     read_msg(recv).await?.ok_or(ProtoError::Finished)

@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use d7q_wire::{
     ByteRange, Capabilities, Control, ErrorCode, ErrorMsg, HelloAck, Labels, NodeId, PieceDigests,
     PieceHeader, PieceRequest, PieceStatus, Register, Sha256, TaskComplete, TaskId, TaskMeta,
-    MAX_DIGESTS_PER_MESSAGE, MAX_HEADERS, MAX_STRING_LEN,
+    MAX_DIGESTS_PER_MESSAGE, MAX_STRING_LEN,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -305,18 +305,9 @@ impl Inner {
                 m,
             )))
         };
-        if reg.url.len() > MAX_STRING_LEN
-            || !(reg.url.starts_with("https://") || reg.url.starts_with("http://"))
-        {
-            return Err(bad("URL must be http:// or https:// and at most 16 KiB"));
-        }
-        if reg.headers.len() > MAX_HEADERS
-            || reg
-                .headers
-                .iter()
-                .any(|(k, v)| k.len() + v.len() > MAX_STRING_LEN)
-        {
-            return Err(bad("too many or too large headers"));
+        // Sizes were bounded when the message was decoded (d7q_wire::Bounded).
+        if !(reg.url.starts_with("https://") || reg.url.starts_with("http://")) {
+            return Err(bad("URL must be http:// or https://"));
         }
         if let Some(r) = reg.range {
             if r.end <= r.start {

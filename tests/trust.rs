@@ -131,7 +131,11 @@ async fn another_major_version_is_refused_both_ways() {
             Err(_) => panic!("the supernode kept a d7q/2 connection open"),
         },
     };
-    assert!(!refused.is_empty());
+    // TLS alert 120 (no_application_protocol), or an application close naming the version.
+    assert!(
+        refused.contains("120") || refused.contains("protocol") || refused.contains("version"),
+        "the supernode refused a d7q/2 client for another reason: {refused}"
+    );
     client.close(0u32.into(), b"");
 
     // A d7q/2 server against `d7q get`.

@@ -17,12 +17,14 @@
 pub mod bitmap;
 mod codec;
 pub mod frame;
+mod limits;
 pub mod msg;
 pub mod piece;
 
 pub use bitmap::Bitmap;
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use frame::{FrameDecoder, FrameError};
+pub use limits::{decode_checked, Bounded, LimitError};
 pub use msg::*;
 pub use piece::{PieceHeader, PieceStatus};
 
@@ -42,8 +44,11 @@ pub const MAX_PIECE_COUNT: u32 = 1 << 16;
 pub const MAX_PIECE_SIZE: u32 = 64 << 20;
 /// The most piece digests one [`msg::PieceDigests`] carries, so it always fits a frame.
 pub const MAX_DIGESTS_PER_MESSAGE: usize = 16 * 1024;
-/// Bound on strings a peer controls (URLs, header values, error text).
-pub const MAX_STRING_LEN: usize = 16 * 1024;
+/// Bound on strings a peer controls (a URL, one header's name and value together, error text).
+/// With [`MAX_HEADERS`] of them a [`msg::Register`] stays well under [`MAX_MESSAGE_SIZE`].
+pub const MAX_STRING_LEN: usize = 8 * 1024;
+/// Bound on each locality label (dc, zone, host).
+pub const MAX_LABEL_LEN: usize = 256;
 /// Bound on headers passed to the origin in one registration.
 pub const MAX_HEADERS: usize = 64;
 /// Bound on the parents in one [`msg::Parents`] message.
