@@ -270,7 +270,13 @@ async fn run_download(
                 };
                 let len = d.geometry.piece_len(i);
                 let conn = conn.clone();
-                inflight.spawn(async move { (i, fetch_piece(&conn, task, i, len, digest).await) });
+                let delay = retry_delay(d.attempts[i as usize]);
+                inflight.spawn(async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    (i, fetch_piece(&conn, task, i, len, digest).await)
+                });
             }
             if d.picker.is_complete() {
                 if let Some(sha) = complete {
@@ -343,6 +349,15 @@ async fn run_download(
                 return Err(GetError::Mesh("supernode did not answer the registration in time".into()));
             }
         }
+    }
+}
+
+/// Back-off before retrying a piece: a refusal often means the reason is on its way on the
+/// control stream (the task failed), and an immediate retry would only hit it again.
+fn retry_delay(attempts: u32) -> Duration {
+    match attempts {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(250 << (n - 1).min(4)),
     }
 }
 

@@ -365,7 +365,10 @@ impl Inner {
             }
             Err(err) => {
                 warn!(error = %err.message, "task failed");
-                // Forget the task first so a new registration starts over, then drop its data.
+                // Tell the registered peers first, so they hear the reason before any piece
+                // request meets an unknown task; then forget the task so a new registration
+                // starts over, and drop its data.
+                task.progress.send_modify(|p| p.failed = Some(err));
                 {
                     let mut tasks = self.tasks.lock().expect("tasks lock");
                     if tasks.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, &task)) {
@@ -375,7 +378,6 @@ impl Inner {
                 task.file.lock().expect("file lock").take();
                 let _ = std::fs::remove_file(&data_path);
                 let _ = std::fs::remove_file(meta_path(&data_path));
-                task.progress.send_modify(|p| p.failed = Some(err));
             }
         }
     }

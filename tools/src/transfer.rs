@@ -383,29 +383,33 @@ impl Setup {
 
     /// The supernode's CPU counter for A; for B this process's, where the DevServer runs.
     fn server_cpu(&self, variant: Variant) -> Result<CpuTimes> {
-        match variant {
-            Variant::Mesh => CpuTimes::of_pid(self.supernode_pid),
-            Variant::Https | Variant::HttpsNoHash => CpuTimes::of_self(),
+        if variant.is_mesh() {
+            CpuTimes::of_pid(self.supernode_pid)
+        } else {
+            CpuTimes::of_self()
         }
     }
 
-    /// The client succeeded and the output is the file: `d7q get` checked the digest it was
-    /// given; `https-get` reports its own, checked here.
+    /// The client succeeded and its output is the file, hashed here whatever the client
+    /// checked; `https-get`'s own report is checked too. Returns its cipher suite.
     fn check(&self, variant: Variant, output: &std::process::Output) -> Result<Option<String>> {
-        let what = match variant {
-            Variant::Mesh => "d7q get",
-            _ => "https-get",
+        let what = if variant.is_mesh() {
+            "d7q get"
+        } else {
+            "https-get"
         };
         util::check_success(what, output)?;
         let len = std::fs::metadata(&self.out)
             .with_context(|| format!("{what} left no {}", self.out.display()))?
             .len();
+        ensure!(len == self.bytes, "{what} wrote {len} of {} bytes", self.bytes);
+        let digest = util::hex(&util::sha256_file(&self.out)?);
         ensure!(
-            len == self.bytes,
-            "{what} wrote {len} of {} bytes",
-            self.bytes
+            digest == self.digest_hex,
+            "{what} wrote content with digest {digest}, expected {}",
+            self.digest_hex
         );
-        if variant == Variant::Mesh {
+        if variant.is_mesh() {
             return Ok(None);
         }
         let report: https::Report = serde_json::from_slice(&output.stdout).with_context(|| {
