@@ -1,19 +1,23 @@
 //! Row c of BENCH.md: one file, one receiver, loopback, no shaping — the QUIC mesh against HTTPS
-//! over TCP on the same machine, interleaved round by round (A B B' A B B' …):
+//! over TCP on the same machine, interleaved round by round (A B A' B' A B A' B' …):
 //!
-//! - **A, mesh**: a real `d7q supernode` process that already holds the file (one untimed
-//!   `d7q get` seeds it from the origin first, so the origin is out of the picture), and per
-//!   round a fresh `d7q get` process that fetches it over QUIC, verifies every piece and the
-//!   whole against the expected digest, writes and fsyncs it.
+//! - **A, mesh**: a real `d7q supernode` process that already holds the file (untimed `d7q get`s
+//!   seed it from the origin first, so the origin is out of the picture), and per round a fresh
+//!   `d7q get` process that fetches it over QUIC, verifies every piece against the seed's
+//!   SHA-256 digests, writes and fsyncs it: one SHA-256 pass over the content, as in B.
 //! - **B, HTTPS + SHA-256**: a [`DevServer`] (hyper, rustls, TCP) in this process serving the
 //!   same file from disk, and per round a fresh `d7q-bench https-get` process (hyper HTTP/1.1 +
 //!   rustls) that writes, hashes and fsyncs it: the work comparable to A.
-//! - **B', HTTPS**: the same without the hash, a secondary column — transport and disk alone.
+//! - **A', mesh with `--digest`** (secondary): `d7q get` given the expected digest, which also
+//!   hashes the whole content — a second SHA-256 pass. A separate task on the supernode (a
+//!   task's id is its digest when one is known), seeded separately.
+//! - **B', HTTPS** (secondary): B without the hash — transport and disk alone.
 //!
-//! A variant's time is its client process from spawn to exit; the output is deleted between
-//! rounds. The bar is median throughput A / median throughput B ≥ 0.8. CPU seconds per transfer
-//! come from `/proc`: the client's as a reaped child, the server's from the supernode's process
-//! or, for the in-process DevServer, from this process (which only waits meanwhile).
+//! A variant's time is its client process from spawn to exit. After each transfer, outside the
+//! timing, the benchmark hashes the output itself and deletes it. The bar is median throughput
+//! A / median throughput B ≥ 0.8. CPU seconds per transfer come from `/proc`: the client's as a
+//! reaped child, the server's from the supernode's process or, for the in-process DevServer,
+//! from this process (which only waits meanwhile).
 //!
 //! Not measured here: several receivers, shaped links, loss (rows a, b and d).
 
@@ -42,8 +46,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Path of the file the mesh fetches from the origin.
 const MESH_PATH: &str = "/blob.bin";
 
+/// GETs of [`MESH_PATH`] the origin should ever see: one per supernode task (A's, keyed by the
+/// URL, and A''s, keyed by the digest).
+const SEED_GETS: u64 = 2;
+
 /// The same file under another name for the HTTPS client, so the origin's count of
-/// [`MESH_PATH`] shows the mesh reached it exactly once.
+/// [`MESH_PATH`] shows the mesh reached it only to seed its tasks.
 const DIRECT_PATH: &str = "/direct.bin";
 
 /// `d7q-bench transfer`.
@@ -82,8 +90,8 @@ pub fn run(args: &Args) -> Result<()> {
         None => util::sibling_binary("d7q")?,
     };
     let parent = args.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-    // The origin file (its second name is a hard link), the supernode's copy and one output.
-    let needed = 3 * bytes + DISK_MARGIN;
+    // The origin file (its second name is a hard link), the supernode's two tasks, one output.
+    let needed = 4 * bytes + DISK_MARGIN;
     let free = d7q::store::free_space(&parent)?;
     ensure!(
         free >= needed,
@@ -110,7 +118,7 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The three ways the file travels.
+/// The ways the file travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 enum Variant {
@@ -118,18 +126,26 @@ enum Variant {
     Mesh,
     /// B: HTTPS over TCP, written, hashed and fsynced.
     Https,
+    /// A': `d7q get --digest`, which hashes the whole content as well.
+    MeshDigest,
     /// B': HTTPS over TCP, written and fsynced.
     HttpsNoHash,
 }
 
 impl Variant {
-    /// The order within each round.
-    const ROUND: [Variant; 3] = [Variant::Mesh, Variant::Https, Variant::HttpsNoHash];
+    /// The order within each round: the pair the bar compares first.
+    const ROUND: [Variant; 4] = [
+        Variant::Mesh,
+        Variant::Https,
+        Variant::MeshDigest,
+        Variant::HttpsNoHash,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Variant::Mesh => "A  mesh: d7q get (QUIC)",
             Variant::Https => "B  https + sha256 (TCP)",
+            Variant::MeshDigest => "A' mesh: d7q get --digest",
             Variant::HttpsNoHash => "B' https, no hash (TCP)",
         }
     }
@@ -138,8 +154,13 @@ impl Variant {
         match self {
             Variant::Mesh => "A ",
             Variant::Https => "B ",
+            Variant::MeshDigest => "A'",
             Variant::HttpsNoHash => "B'",
         }
+    }
+
+    fn is_mesh(self) -> bool {
+        matches!(self, Variant::Mesh | Variant::MeshDigest)
     }
 }
 
@@ -178,14 +199,17 @@ struct Report {
     summaries: Vec<Summary>,
     /// Median throughput A / B: the number held against [`BAR`].
     ratio_mesh_over_https: f64,
+    /// Median throughput A' / B.
+    ratio_mesh_digest_over_https: f64,
     /// Median throughput A / B'.
     ratio_mesh_over_https_nohash: f64,
     bar: f64,
     pass: bool,
-    /// GETs of the mesh's URL at the origin: 1 means only the seeding fetch reached it.
+    /// GETs of the mesh's URL at the origin: [`SEED_GETS`] means only the seeding reached it.
     origin_gets_mesh: u64,
-    /// The untimed first `d7q get`, through the supernode from the origin.
-    seed_secs: f64,
+    /// The untimed seeding `d7q get`s (A's task, then A''s), through the supernode from the
+    /// origin.
+    seed_secs: [f64; 2],
     /// Cipher suite of the HTTPS baseline.
     https_cipher_suite: String,
     d7q_binary: String,
@@ -274,14 +298,18 @@ async fn bench(args: &Args, d7q: &Path, bytes: u64, tmp: &Path) -> Result<Report
 
 /// The warm-ups, then the timed rounds.
 async fn rounds(s: &Setup, reps: usize) -> Result<(Vec<Sample>, RunInfo)> {
-    eprintln!("seeding the supernode (untimed d7q get through it from the origin)");
+    eprintln!("seeding the supernode (untimed d7q get, then d7q get --digest, from the origin)");
     let seed = s.transfer(Variant::Mesh, 0).await?;
+    let seed_digest = s.transfer(Variant::MeshDigest, 0).await?;
     ensure!(
-        s.server.get_count(MESH_PATH) == 1,
-        "the origin saw {} GETs while seeding, expected 1",
+        s.server.get_count(MESH_PATH) == SEED_GETS,
+        "the origin saw {} GETs while seeding, expected {SEED_GETS}",
         s.server.get_count(MESH_PATH)
     );
-    eprintln!("  {:.2} s; warming up the HTTPS client", seed.sample.secs);
+    eprintln!(
+        "  {:.2} s and {:.2} s; warming up the HTTPS client",
+        seed.sample.secs, seed_digest.sample.secs
+    );
     let warm = s.transfer(Variant::Https, 0).await?;
     let cipher = warm.cipher_suite.unwrap_or_default();
 
@@ -302,12 +330,12 @@ async fn rounds(s: &Setup, reps: usize) -> Result<(Vec<Sample>, RunInfo)> {
         }
     }
     ensure!(
-        s.server.get_count(MESH_PATH) == 1,
+        s.server.get_count(MESH_PATH) == SEED_GETS,
         "the mesh reached the origin again ({} GETs of {MESH_PATH})",
         s.server.get_count(MESH_PATH)
     );
     let info = RunInfo {
-        seed_secs: seed.sample.secs,
+        seed_secs: [seed.sample.secs, seed_digest.sample.secs],
         https_cipher_suite: cipher,
         load_average: [load_before, util::load_average()],
     };
@@ -316,8 +344,8 @@ async fn rounds(s: &Setup, reps: usize) -> Result<(Vec<Sample>, RunInfo)> {
 
 /// What a run observed besides the samples.
 struct RunInfo {
-    /// The untimed first `d7q get`, through the supernode from the origin.
-    seed_secs: f64,
+    /// The untimed seeding `d7q get`s, through the supernode from the origin.
+    seed_secs: [f64; 2],
     https_cipher_suite: String,
     load_average: [Option<f64>; 2],
 }
@@ -333,19 +361,21 @@ impl Setup {
     async fn transfer(&self, variant: Variant, round: usize) -> Result<Transfer> {
         let mut cmd;
         match variant {
-            Variant::Mesh => {
+            Variant::Mesh | Variant::MeshDigest => {
                 cmd = Command::new(&self.d7q);
                 cmd.arg("get")
                     .arg(self.server.url(MESH_PATH))
                     .arg("-o")
                     .arg(&self.out)
-                    .arg("--digest")
-                    .arg(format!("sha256:{}", self.digest_hex))
                     .arg("--supernode")
                     .arg(self.mesh.to_string())
                     .arg("--pki")
                     .arg(&self.peer_pki)
                     .arg("-q");
+                if variant == Variant::MeshDigest {
+                    cmd.arg("--digest")
+                        .arg(format!("sha256:{}", self.digest_hex));
+                }
             }
             Variant::Https | Variant::HttpsNoHash => {
                 cmd = Command::new(&self.bench);
@@ -402,7 +432,11 @@ impl Setup {
         let len = std::fs::metadata(&self.out)
             .with_context(|| format!("{what} left no {}", self.out.display()))?
             .len();
-        ensure!(len == self.bytes, "{what} wrote {len} of {} bytes", self.bytes);
+        ensure!(
+            len == self.bytes,
+            "{what} wrote {len} of {} bytes",
+            self.bytes
+        );
         let digest = util::hex(&util::sha256_file(&self.out)?);
         ensure!(
             digest == self.digest_hex,
@@ -522,13 +556,15 @@ fn report(
             .map_or(f64::NAN, |s| s.mb_per_s.median)
     };
     let ratio = median(Variant::Mesh) / median(Variant::Https);
+    let ratio_digest = median(Variant::MeshDigest) / median(Variant::Https);
     Report {
         benchmark: "transfer",
         row: "c",
         bytes,
         rounds,
-        order: "A B B' in every round",
+        order: "A B A' B' in every round",
         ratio_mesh_over_https: ratio,
+        ratio_mesh_digest_over_https: ratio_digest,
         ratio_mesh_over_https_nohash: median(Variant::Mesh) / median(Variant::HttpsNoHash),
         bar: BAR,
         pass: ratio >= BAR,
@@ -576,10 +612,14 @@ fn print_table(r: &Report) {
         r.bar,
         if r.pass { "PASS" } else { "FAIL" }
     );
-    println!("A/B' = {:.2}", r.ratio_mesh_over_https_nohash);
     println!(
-        "medians per transfer; CPU = user+sys seconds. Origin GETs by the mesh: {} (the seed, {:.2} s). HTTPS: {}",
-        r.origin_gets_mesh, r.seed_secs, r.https_cipher_suite
+        "A'/B = {:.2}   A/B' = {:.2}",
+        r.ratio_mesh_digest_over_https, r.ratio_mesh_over_https_nohash
+    );
+    println!(
+        "medians per transfer; CPU = user+sys seconds. Origin GETs by the mesh: {} (seeding, \
+         {:.2} s and {:.2} s). HTTPS: {}",
+        r.origin_gets_mesh, r.seed_secs[0], r.seed_secs[1], r.https_cipher_suite
     );
     if let [Some(before), Some(after)] = r.load_average {
         println!(

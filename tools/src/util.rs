@@ -185,6 +185,14 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) -> Result<[u8; 32]> {
     Ok(hasher.finalize().into())
 }
 
+/// SHA-256 of a file's content.
+pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hasher.finalize().into())
+}
+
 /// The one-minute load average, a hint of how busy the machine was: more than its core count
 /// means other work competed with the benchmark.
 pub fn load_average() -> Option<f64> {
@@ -314,6 +322,7 @@ mod tests {
         let bytes = fs::read(dir.path().join("a")).unwrap();
         assert_eq!(bytes.len() as u64, len);
         assert_eq!(<[u8; 32]>::from(Sha256::digest(&bytes)), a);
+        assert_eq!(sha256_file(&dir.path().join("a")).unwrap(), a);
         assert!(bytes.iter().filter(|&&b| b == 0).count() < bytes.len() / 100);
     }
 }
