@@ -176,3 +176,68 @@ async fn another_major_version_is_refused_both_ways() {
         .ok();
     assert_eq!(common::sha256_file(&out.join("v.bin")), sha);
 }
+
+/// A client that presents no certificate at all completes no mesh exchange: the supernode
+/// closes the connection before any registration, and the origin is never asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_certificate_cannot_register() {
+    use d7q_wire::{Capabilities, Control, Hello, Labels, NodeId, Register};
+
+    let env = Env::new();
+    let origin = env.origin().await;
+    origin.file("secret.bin", 1000);
+    let cluster = env.cluster().await;
+    let sn = env
+        .supernode(&cluster.supernode_pki, Some(&origin.ca_file))
+        .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in d7q::pki::load_certs_file(&cluster.client_pki.join("ca.pem")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(d7q::pki::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![d7q_wire::ALPN.to_vec()];
+    let cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = origin.url("secret.bin");
+    let attempt = async {
+        let conn = ep
+            .connect_with(cfg, sn.mesh, MESH_SERVER_NAME)
+            .unwrap()
+            .await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = Control::Hello(Hello {
+            major: d7q_wire::MAJOR_VERSION,
+            minor: 0,
+            node_id: NodeId([9; 16]),
+            labels: Labels::default(),
+            upload_addr: None,
+            capabilities: Capabilities(0),
+        });
+        let register = Control::Register(Register {
+            task: d7q::task::task_id(&url, None, None),
+            url: url.clone(),
+            headers: vec![],
+            digest: None,
+            range: None,
+        });
+        let _ = d7q::proto::write_msg(&mut send, &hello).await;
+        let _ = d7q::proto::write_msg(&mut send, &register).await;
+        let answer = d7q::proto::read_msg::<Control>(&mut recv).await;
+        Ok::<_, quinn::ConnectionError>((answer.ok().flatten(), conn.closed().await))
+    };
+    let err = match attempt.await {
+        Ok((None, closed)) => d7q::transport::conn_error(sn.mesh, closed),
+        Ok((Some(answer), _)) => panic!("a client without a certificate got an answer: {answer:?}"),
+        Err(e) => d7q::transport::conn_error(sn.mesh, e),
+    };
+    assert!(
+        matches!(err, d7q::transport::MeshError::CertificateRefused { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("no client certificate"), "{err}");
+    assert_eq!(origin.gets("secret.bin"), 0, "a task was registered");
+}

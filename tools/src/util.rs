@@ -6,7 +6,7 @@
 //! resolution (10 ms), right for whole transfers, useless for microbenchmarks.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 /// run on, whatever the kernel's HZ).
 const USER_HZ: f64 = 100.0;
 
-/// Bytes of test data generated and written at a time.
+/// Bytes of test data generated and written, or read and hashed, at a time.
 const FILL_CHUNK: usize = 4 << 20;
 
 /// CPU time in seconds, user and system.
@@ -187,9 +187,10 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) -> Result<[u8; 32]> {
 
 /// SHA-256 of a file's content.
 pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    std::io::copy(&mut BufReader::with_capacity(FILL_CHUNK, file), &mut hasher)
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok(hasher.finalize().into())
 }
 
