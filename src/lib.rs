@@ -20,13 +20,16 @@
 
 pub mod admin;
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod devserver;
 pub mod embedded;
+pub mod metrics;
 pub mod origin;
 pub mod peer;
 pub mod pki;
 pub mod proto;
+pub mod ratelimit;
 pub mod sched;
 pub mod store;
 pub mod supernode;

@@ -2,4 +2,6 @@
 //! and return decisions. No tokio, quinn or hyper in here — the async shell drives them, and
 //! the scale simulator in `tools/` can drive the very same code.
 
+pub mod parents;
 pub mod picker;
+pub mod ratelimit;

@@ -4,6 +4,9 @@
 //! Blocking std IO: async callers run these on the blocking pool or a writer thread, so disk
 //! writes never hold up network reads.
 
+pub mod gc;
+pub mod tasks;
+
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
