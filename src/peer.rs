@@ -162,7 +162,10 @@ async fn download(
 ) -> Result<GetOutcome, GetError> {
     let remote = conn.remote_address();
     let cerr = |e: quinn::ConnectionError| GetError::from(transport::conn_error(remote, e));
-    let (mut send, mut recv) = conn.open_bi().await.map_err(cerr)?;
+    let (mut send, mut recv) = proto::open_control(conn).await.map_err(|e| match e {
+        proto::ProtoError::Connection(c) => cerr(c),
+        e => GetError::Mesh(format!("{remote}: {e}")),
+    })?;
     let hello = Control::Hello(Hello {
         major: d7q_wire::MAJOR_VERSION,
         minor: d7q_wire::MINOR_VERSION,
@@ -512,7 +515,10 @@ async fn fetch_piece(
     digest: Sha256,
 ) -> Result<Bytes, PieceError> {
     let work = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(PieceError::Connection)?;
+        let (mut send, mut recv) = proto::open_piece(conn).await.map_err(|e| match e {
+            proto::ProtoError::Connection(c) => PieceError::Connection(c),
+            e => PieceError::Stream(e.to_string()),
+        })?;
         proto::write_msg(&mut send, &PieceRequest { task, index })
             .await
             .map_err(|e| PieceError::Stream(e.to_string()))?;

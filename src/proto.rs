@@ -30,6 +30,9 @@ pub enum ProtoError {
     /// The peer took too long.
     #[error("timed out")]
     Timeout,
+    /// The connection failed while opening a stream.
+    #[error("connection: {0}")]
+    Connection(quinn::ConnectionError),
 }
 
 /// Reads one framed message; `Ok(None)` when the stream ends cleanly before a new frame.
@@ -66,4 +69,36 @@ pub async fn write_msg<T: Serialize>(
     frame::encode_frame(msg, &mut buf)?;
     send.write_all(&buf).await?;
     Ok(())
+}
+
+/// Opens a control stream (writes its kind byte).
+pub async fn open_control(
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ProtoError> {
+    open_kind(conn, d7q_wire::stream_kind::CONTROL).await
+}
+
+/// Opens a piece stream (writes its kind byte).
+pub async fn open_piece(
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ProtoError> {
+    open_kind(conn, d7q_wire::stream_kind::PIECE).await
+}
+
+async fn open_kind(
+    conn: &quinn::Connection,
+    kind: u8,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ProtoError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(ProtoError::Connection)?;
+    send.write_all(&[kind]).await?;
+    Ok((send, recv))
+}
+
+/// Reads the kind byte of an accepted stream.
+pub async fn read_kind(recv: &mut quinn::RecvStream) -> Result<u8, ProtoError> {
+    let mut kind = [0u8; 1];
+    tokio::time::timeout(REQUEST_TIMEOUT, recv.read_exact(&mut kind))
+        .await
+        .map_err(|_| ProtoError::Timeout)??;
+    Ok(kind[0])
 }

@@ -195,20 +195,26 @@ impl Inner {
                 }
             };
             let inner = self.clone();
-            let is_control = send.id().index() == 0;
             let conn2 = conn.clone();
             tokio::spawn(async move {
-                if is_control {
-                    if let Err(e) = inner.control_stream(send, recv).await {
-                        debug!(error = %e, "control stream ended");
-                        if matches!(e, ControlError::Version) {
-                            conn2.close(close::VERSION, b"protocol version mismatch");
-                        } else if matches!(e, ControlError::Protocol(_)) {
-                            conn2.close(close::PROTOCOL, b"protocol error");
+                let mut recv = recv;
+                match proto::read_kind(&mut recv).await {
+                    Ok(d7q_wire::stream_kind::CONTROL) => {
+                        if let Err(e) = inner.control_stream(send, recv).await {
+                            debug!(error = %e, "control stream ended");
+                            if matches!(e, ControlError::Version) {
+                                conn2.close(close::VERSION, b"protocol version mismatch");
+                            } else if matches!(e, ControlError::Protocol(_)) {
+                                conn2.close(close::PROTOCOL, b"protocol error");
+                            }
                         }
                     }
-                } else {
-                    inner.piece_stream(send, recv).await;
+                    Ok(d7q_wire::stream_kind::PIECE) => inner.piece_stream(send, recv).await,
+                    Ok(other) => {
+                        debug!(kind = other, "unknown stream kind");
+                        conn2.close(close::PROTOCOL, b"unknown stream kind");
+                    }
+                    Err(e) => debug!(error = %e, "stream without a kind"),
                 }
             });
         }

@@ -209,6 +209,7 @@ async fn a_client_without_a_certificate_cannot_register() {
             .unwrap()
             .await?;
         let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&[d7q_wire::stream_kind::CONTROL]).await.ok();
         let hello = Control::Hello(Hello {
             major: d7q_wire::MAJOR_VERSION,
             minor: 0,

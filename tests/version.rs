@@ -56,7 +56,7 @@ async fn another_major_version_in_the_hello_is_refused() {
     let conn = transport::connect(&ep, sn.mesh)
         .await
         .expect("d7q/1 connects");
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (mut send, mut recv) = d7q::proto::open_control(&conn).await.unwrap();
     let hello = Control::Hello(Hello {
         major: 2,
         minor: 0,

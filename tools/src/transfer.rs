@@ -40,7 +40,13 @@ pub const BAR: f64 = 0.8;
 /// Head room kept free on the temp disk beyond the benchmark's own files.
 const DISK_MARGIN: u64 = 512 << 20;
 
-/// How long a supernode may take to print `ready`.
+/// The supernode's log (its stderr), in the temp dir.
+const SUPERNODE_LOG: &str = "supernode.log";
+
+/// Lines of the supernode's log shown with an error.
+const LOG_TAIL_LINES: usize = 20;
+
+/// How long a supernode (or a `d7q ca` command) may take to get ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Path of the file the mesh fetches from the origin.
@@ -253,13 +259,8 @@ async fn bench(args: &Args, d7q: &Path, bytes: u64, tmp: &Path) -> Result<Report
     let (sn_pki, peer_pki) = (tmp.join("pki-supernode"), tmp.join("pki-peer"));
     d7q_cmd(d7q, &["ca", "init", "--dir"], &[&cluster]).await?;
     for (name, dir) in [("sn", &sn_pki), ("peer", &peer_pki)] {
-        let mut cmd = Command::new(d7q);
-        cmd.args(["ca", "issue", "--name", name, "--dir"])
-            .arg(&cluster)
-            .arg("--out")
-            .arg(dir);
-        let out = util::run_timed(&mut cmd, READY_TIMEOUT).await?;
-        util::check_success("d7q ca issue", &out.output)?;
+        let args = ["ca", "issue", "--name", name, "--dir"];
+        d7q_cmd(d7q, &args, &[&cluster, Path::new("--out"), dir]).await?;
     }
     let store = tmp.join("supernode-store");
     std::fs::create_dir(&store)?;
@@ -283,7 +284,8 @@ async fn bench(args: &Args, d7q: &Path, bytes: u64, tmp: &Path) -> Result<Report
     let result = rounds(&setup, args.reps).await;
     let _ = setup.supernode.start_kill();
     let _ = setup.supernode.wait().await;
-    let (samples, info) = result?;
+    // The log goes with the temp dir: show its end with the error.
+    let (samples, info) = result.map_err(|e| e.context(log_tail(&tmp.join(SUPERNODE_LOG))))?;
     let origin_gets_mesh = setup.server.get_count(MESH_PATH);
     setup.server.shutdown().await;
     Ok(report(
@@ -468,6 +470,14 @@ impl Setup {
     }
 }
 
+/// The last lines of a log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+    format!("supernode log, last lines:\n{tail}")
+}
+
 /// Runs `d7q ARGS PATHS…` to completion.
 async fn d7q_cmd(d7q: &Path, args: &[&str], paths: &[&Path]) -> Result<()> {
     let mut cmd = Command::new(d7q);
@@ -485,7 +495,7 @@ async fn start_supernode(
     origin_ca: &Path,
     tmp: &Path,
 ) -> Result<(Child, SocketAddr)> {
-    let log = std::fs::File::create(tmp.join("supernode.log"))?;
+    let log = std::fs::File::create(tmp.join(SUPERNODE_LOG))?;
     let mut child = Command::new(d7q)
         .args(["supernode", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(store)
@@ -512,8 +522,8 @@ async fn start_supernode(
     let addr = match ready {
         Ok(Ok(Some(addr))) => addr,
         Ok(Ok(None)) => bail!(
-            "d7q supernode exited before it was ready; see {}",
-            tmp.join("supernode.log").display()
+            "d7q supernode exited before it was ready; {}",
+            log_tail(&tmp.join(SUPERNODE_LOG))
         ),
         Ok(Err(e)) => return Err(e.context("reading the supernode's stdout")),
         Err(_) => bail!("d7q supernode not ready within {READY_TIMEOUT:?}"),

@@ -28,6 +28,16 @@ pub use limits::{decode_checked, Bounded, LimitError};
 pub use msg::*;
 pub use piece::{PieceHeader, PieceStatus};
 
+/// The first byte of every bidirectional stream says what it carries, so a node may run several
+/// control streams (one per download) beside its piece streams on one connection.
+pub mod stream_kind {
+    /// A control stream: [`crate::msg::Control`] frames both ways, starting with a `Hello`.
+    pub const CONTROL: u8 = b'C';
+    /// A piece stream: one [`crate::msg::PieceRequest`] frame, answered by a
+    /// [`crate::piece::PieceHeader`] and the raw piece bytes.
+    pub const PIECE: u8 = b'P';
+}
+
 /// ALPN of the mesh protocol; the digit is the major version.
 pub const ALPN: &[u8] = b"d7q/1";
 /// ALPN of the admin API served on the same UDP port.
