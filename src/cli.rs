@@ -14,7 +14,8 @@ use crate::exit;
 use crate::peer::{self, GetError, GetRequest, ProgressFn};
 use crate::pki::{ClusterCa, NodeIdentity};
 use crate::supernode::{Supernode, SupernodeConfig};
-use crate::{admin, demo, embedded, task, transport};
+use crate::daemon::{Daemon, DaemonConfig};
+use crate::{admin, config, demo, embedded, local, task, transport};
 
 /// QUIC-native peer-to-peer distribution of container images and large files.
 #[derive(Parser, Debug)]
@@ -34,6 +35,8 @@ enum Cmd {
     Ca(CaCmd),
     /// Run a supernode: scheduler and seed/CDN.
     Supernode(SupernodeArgs),
+    /// Run the per-host daemon: downloads for local clients, content store, uploads.
+    Daemon(DaemonArgs),
     /// Download one file through the mesh.
     Get(GetArgs),
     /// Show a node's tasks.
@@ -90,6 +93,55 @@ struct SupernodeArgs {
 }
 
 #[derive(Args, Debug)]
+struct DaemonArgs {
+    /// UDP address of the QUIC mesh (uploads to other peers).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address other peers dial, when --listen is not reachable as is.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// TCP address of the HTTP side: /metrics (and the proxy).
+    #[arg(long)]
+    proxy: Option<SocketAddr>,
+    /// Content store directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Node identity directory (from `d7q ca issue`).
+    #[arg(long)]
+    pki: Option<PathBuf>,
+    /// Supernode address; repeatable.
+    #[arg(long)]
+    supernode: Vec<SocketAddr>,
+    /// Local API socket for `d7q get`.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Configuration file (TOML); flags win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Datacenter label.
+    #[arg(long)]
+    dc: Option<String>,
+    /// Zone label.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Host label (default: the host name).
+    #[arg(long)]
+    host: Option<String>,
+    /// Machine-wide upload budget, e.g. 100MiB or 800Mbit (0: unlimited).
+    #[arg(long)]
+    upload_rate: Option<String>,
+    /// Machine-wide download budget (0: unlimited).
+    #[arg(long)]
+    download_rate: Option<String>,
+    /// Budget of each single download (0: unlimited).
+    #[arg(long)]
+    per_download_rate: Option<String>,
+    /// Test only: serve corrupt pieces, to exercise bad-peer isolation.
+    #[arg(long, hide = true)]
+    danger_corrupt_uploads: bool,
+}
+
+#[derive(Args, Debug)]
 struct GetArgs {
     /// URL of the content.
     url: String,
@@ -111,6 +163,13 @@ struct GetArgs {
     /// Extra CA certificate (PEM) trusted for origins (embedded mode); repeatable.
     #[arg(long = "origin-ca")]
     origin_ca: Vec<PathBuf>,
+    /// The local daemon's socket (default: the daemon's default path, used when a daemon
+    /// answers there).
+    #[arg(long)]
+    daemon: Option<PathBuf>,
+    /// Never use a local daemon.
+    #[arg(long)]
+    no_daemon: bool,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -153,7 +212,7 @@ pub fn main() -> i32 {
         }
     };
     let default_log = match cli.cmd {
-        Cmd::Supernode(_) => "info",
+        Cmd::Supernode(_) | Cmd::Daemon(_) => "info",
         // `get` reports its own failure in one line; logs only when asked for.
         Cmd::Get(_) => "off",
         _ => "warn",
@@ -183,6 +242,7 @@ async fn run(cmd: Cmd) -> i32 {
     match cmd {
         Cmd::Ca(c) => ca(c),
         Cmd::Supernode(a) => supernode(a).await,
+        Cmd::Daemon(a) => daemon(a).await,
         Cmd::Get(a) => get(a).await,
         Cmd::Status(a) => status(a).await,
         Cmd::Demo(a) => match demo::run(a.peers, a.size_mib).await {
@@ -253,6 +313,65 @@ async fn supernode(a: SupernodeArgs) -> i32 {
     exit::OK
 }
 
+async fn daemon(a: DaemonArgs) -> i32 {
+    let cfg = match daemon_config(a) {
+        Ok(c) => c,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    let d = match Daemon::start(cfg).await {
+        Ok(d) => d,
+        Err(e) => return fail(exit::FAILURE, &format!("{e:#}")),
+    };
+    println!(
+        "ready mesh={} proxy={} socket={}",
+        d.mesh_addr(),
+        d.proxy_addr(),
+        d.socket().display()
+    );
+    let _ = std::io::stdout().flush();
+    shutdown_signal().await;
+    d.shutdown();
+    exit::OK
+}
+
+/// Flags over the config file over defaults; every refusal names the flag or key.
+fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
+    let file = match &a.config {
+        Some(path) => config::ConfigFile::load(path).map_err(|e| e.to_string())?.daemon.unwrap_or_default(),
+        None => Default::default(),
+    };
+    let rate = |flag: &Option<String>, key: &str, from_file: Option<u64>| -> Result<u64, String> {
+        match flag {
+            Some(s) => config::parse_rate(s).map_err(|e| format!("--{key}: {e}")),
+            None => Ok(from_file.unwrap_or(0)),
+        }
+    };
+    let pki = a.pki.clone().or(file.pki.clone()).ok_or("--pki NODEDIR is required (or daemon.pki in the config)")?;
+    let identity = NodeIdentity::load(&pki).map_err(|e| format!("node identity: {e}"))?;
+    let supernodes = config::pick_list(a.supernode.clone(), file.supernode.clone());
+    if supernodes.is_empty() {
+        return Err("at least one --supernode ADDR is required (or daemon.supernode in the config)".into());
+    }
+    Ok(DaemonConfig {
+        listen: config::pick(a.listen, file.listen, "0.0.0.0:65002".parse().expect("literal")),
+        advertise: a.advertise,
+        proxy: config::pick(a.proxy, file.proxy, "127.0.0.1:65001".parse().expect("literal")),
+        data_dir: config::pick(a.data_dir.clone(), file.data_dir.clone(), PathBuf::from("/var/lib/d7q/daemon")),
+        identity,
+        supernodes,
+        socket: config::pick(a.socket.clone(), file.socket.clone(), config::default_socket_path()),
+        labels: d7q_wire::Labels {
+            dc: config::pick(a.dc.clone(), file.dc.clone(), String::new()),
+            zone: config::pick(a.zone.clone(), file.zone.clone(), String::new()),
+            host: config::pick(a.host.clone(), file.host.clone(), config::default_host()),
+        },
+        upload_rate: rate(&a.upload_rate, "upload-rate", file.upload_rate)?,
+        download_rate: rate(&a.download_rate, "download-rate", file.download_rate)?,
+        per_download_rate: rate(&a.per_download_rate, "per-download-rate", file.per_download_rate)?,
+        danger_corrupt_uploads: a.danger_corrupt_uploads,
+    })
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -305,8 +424,14 @@ async fn get(a: GetArgs) -> i32 {
     let progress: Option<ProgressFn> = bar
         .clone()
         .map(|b| Arc::new(move |done, total| b.update(done, total)) as ProgressFn);
+    let socket = a.daemon.clone().unwrap_or_else(config::default_socket_path);
+    let use_daemon = !a.no_daemon
+        && a.supernode.is_empty()
+        && (a.daemon.is_some() || local::daemon_running(&socket));
     let work = async {
-        if a.supernode.is_empty() {
+        if use_daemon {
+            local::get(&socket, &req, progress).await
+        } else if a.supernode.is_empty() {
             embedded::get(&req, &a.origin_ca, progress).await
         } else {
             let Some(pki) = &a.pki else {

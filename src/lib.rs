@@ -4,10 +4,17 @@
 //!
 //! - [`cli`]: the `d7q` command line (the contract operators script against) and exit codes.
 //! - [`supernode`]: scheduler and passive CDN — seeds tasks from origins, serves pieces.
-//! - [`peer`]: the downloading side — registers, fetches and verifies pieces, writes the file.
+//! - [`daemon`]: the per-host peer — downloads for local clients, keeps a store, uploads.
+//! - [`engine`]: one download from the seed and parent peers, every piece verified.
+//! - [`upload`]: serving stored pieces and their availability to other peers.
+//! - [`local`]: the daemon's Unix-socket API for `d7q get`.
+//! - [`peer`]: `d7q get` without a daemon, into a temporary file renamed into place.
 //! - [`embedded`]: the zero-setup default, a peer and a supernode in one process.
 //! - [`demo`]: everything on loopback, to see it work.
-//! - [`sched`]: deciding logic without IO (piece picking, later parent scheduling).
+//! - [`sched`]: deciding logic without IO: piece picking, parent scheduling, rate budgets.
+//! - [`ratelimit`]: the async face of the rate budgets.
+//! - [`config`]: the one TOML configuration file.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`transport`], [`proto`]: QUIC endpoints with mutual TLS, framed messages on streams.
 //! - [`pki`]: the cluster CA and node identities.
 //! - [`origin`]: back-to-source over HTTP(S).
@@ -21,9 +28,12 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod devserver;
 pub mod embedded;
+pub mod engine;
+pub mod local;
 pub mod metrics;
 pub mod origin;
 pub mod peer;
@@ -35,6 +45,7 @@ pub mod store;
 pub mod supernode;
 pub mod task;
 pub mod transport;
+pub mod upload;
 
 /// Process exit codes a script can rely on.
 pub mod exit {

@@ -37,6 +37,47 @@ pub enum StoreError {
         /// The cause.
         source: io::Error,
     },
+    /// A piece index past the last piece of the task.
+    #[error("piece {index} out of range: the task has {count} pieces")]
+    PieceOutOfRange {
+        /// The index asked for.
+        index: u32,
+        /// Pieces in the task.
+        count: u32,
+    },
+    /// Piece bytes of the wrong length for their index.
+    #[error("piece {index} has {got} bytes, expected {expected}")]
+    PieceLength {
+        /// The piece.
+        index: u32,
+        /// Its length in the task's geometry.
+        expected: u32,
+        /// The length given.
+        got: usize,
+    },
+    /// The piece is not stored (not yet, or dropped after a failed check).
+    #[error("piece {index} is not stored")]
+    PieceMissing {
+        /// The piece.
+        index: u32,
+    },
+    /// A stored piece no longer matches the xxh3 recorded when it was written. It has been
+    /// dropped from the bitmap and must be fetched again.
+    #[error("{path}: piece {index} is corrupt on disk")]
+    PieceCorrupt {
+        /// The data file.
+        path: PathBuf,
+        /// The piece.
+        index: u32,
+    },
+    /// A task was marked complete before all of its pieces were stored.
+    #[error("task incomplete: {have} of {count} pieces stored")]
+    Incomplete {
+        /// Pieces stored.
+        have: u32,
+        /// Pieces in the task.
+        count: u32,
+    },
 }
 
 impl StoreError {

@@ -1,0 +1,420 @@
+//! `d7q daemon`: the long-running per-host peer. It downloads for local clients (`d7q get`
+//! through its socket), keeps a content store, and uploads verified pieces to other peers —
+//! while its own download is still running. A restart resumes half-done tasks from their
+//! metadata and serves what the store already holds.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use d7q_wire::{Bitmap, Labels, NodeId, Register, Sha256, TaskId};
+use tokio::sync::{broadcast, watch};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::engine::{self, ConnPool, EngineConfig, PieceSink};
+use crate::metrics::{Metrics, Role, TaskState};
+use crate::peer::GetError;
+use crate::pki::NodeIdentity;
+use crate::ratelimit::RateLimiter;
+use crate::store::tasks::{TaskEntry, TaskStore};
+use crate::store::StoreError;
+use crate::task::{self, Geometry};
+use crate::upload::{self, PieceStore, UploadConfig};
+use crate::{admin, exit, local, transport};
+
+/// Capacity of a task's `Have` feed toward subscribed children; a child that falls further
+/// behind gets the whole bitmap again.
+pub const HAVE_FEED: usize = 1024;
+
+/// How to run a daemon.
+#[derive(Clone)]
+pub struct DaemonConfig {
+    /// UDP address of the QUIC mesh (uploads, admin API).
+    pub listen: SocketAddr,
+    /// The address other peers dial for uploads, when `listen` is not reachable as is.
+    pub advertise: Option<SocketAddr>,
+    /// TCP address of the HTTP side (`/metrics`; the proxy later).
+    pub proxy: SocketAddr,
+    /// Content store.
+    pub data_dir: PathBuf,
+    /// Node identity in the cluster.
+    pub identity: NodeIdentity,
+    /// Supernodes.
+    pub supernodes: Vec<SocketAddr>,
+    /// Local API socket.
+    pub socket: PathBuf,
+    /// Locality labels.
+    pub labels: Labels,
+    /// Machine-wide upload budget, bytes/s (0: unlimited).
+    pub upload_rate: u64,
+    /// Machine-wide download budget, bytes/s (0: unlimited).
+    pub download_rate: u64,
+    /// Budget of each single download, bytes/s (0: unlimited).
+    pub per_download_rate: u64,
+    /// Test-only: serve corrupt pieces.
+    pub danger_corrupt_uploads: bool,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    inner: Arc<Inner>,
+    mesh: SocketAddr,
+    proxy: SocketAddr,
+}
+
+struct Inner {
+    cfg: DaemonConfig,
+    node_id: NodeId,
+    store: TaskStore,
+    pool: ConnPool,
+    metrics: Arc<Metrics>,
+    upload_limiter: RateLimiter,
+    download_limiter: RateLimiter,
+    /// Tasks this node can serve pieces of, with the feed of newly stored pieces.
+    live: Mutex<HashMap<TaskId, Arc<LiveTask>>>,
+    /// Downloads in progress, shared by every local client asking for the same task.
+    running: Mutex<HashMap<TaskId, watch::Receiver<State>>>,
+    started: Instant,
+}
+
+struct LiveTask {
+    entry: Arc<TaskEntry>,
+    haves: broadcast::Sender<u32>,
+}
+
+/// What a local client sees of a download.
+#[derive(Clone, Debug)]
+pub enum State {
+    /// Bytes done of total (0 of 0 before the metadata arrived).
+    Running(u64, u64),
+    /// Finished.
+    Done(Result<Completed, Failure>),
+}
+
+/// A completed task in the store.
+#[derive(Clone, Debug)]
+pub struct Completed {
+    /// The stored data file.
+    pub path: PathBuf,
+    /// Length.
+    pub length: u64,
+    /// SHA-256.
+    pub sha256: Sha256,
+}
+
+/// A failed download: exit code and one-line message, as `d7q get` reports them.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// Exit code (see [`crate::exit`]).
+    pub code: i32,
+    /// Message.
+    pub message: String,
+}
+
+impl From<GetError> for Failure {
+    fn from(e: GetError) -> Self {
+        Failure { code: e.exit_code(), message: e.to_string() }
+    }
+}
+
+impl Daemon {
+    /// Opens the store, binds the mesh endpoint, the local socket and the HTTP side.
+    pub async fn start(cfg: DaemonConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let node_id = load_node_id(&cfg.data_dir)?;
+        let store = TaskStore::open(&cfg.data_dir)?;
+        let s = store.open_summary();
+        info!(tasks = s.tasks, complete = s.complete, pieces_dropped = s.pieces_dropped, "store opened");
+        let endpoint = transport::endpoint(&cfg.identity, cfg.listen, true)?;
+        let mesh = endpoint.local_addr()?;
+        let metrics = Arc::new(Metrics::new(Role::Daemon));
+        let http = tokio::net::TcpListener::bind(cfg.proxy).await?;
+        let proxy = http.local_addr()?;
+        let mut live = HashMap::new();
+        for info in store.list() {
+            if let Some(entry) = store.get(info.task) {
+                live.insert(info.task, Arc::new(LiveTask { entry, haves: broadcast::channel(HAVE_FEED).0 }));
+            }
+        }
+        let inner = Arc::new(Inner {
+            upload_limiter: RateLimiter::new(cfg.upload_rate),
+            download_limiter: RateLimiter::new(cfg.download_rate),
+            node_id,
+            store,
+            pool: ConnPool::new(endpoint.clone()),
+            metrics: metrics.clone(),
+            live: Mutex::new(live),
+            running: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            cfg,
+        });
+        let socket = local::bind(&inner.cfg.socket)?;
+        tokio::spawn(local::serve(socket, Daemon::handle(inner.clone())));
+        tokio::spawn(crate::metrics::serve(http, metrics, std::future::pending::<()>()));
+        tokio::spawn(accept(endpoint, inner.clone()));
+        Ok(Self { inner, mesh, proxy })
+    }
+
+    fn handle(inner: Arc<Inner>) -> local::Handler {
+        Arc::new(move |req| inner.clone().get(req))
+    }
+
+    /// The mesh address.
+    pub fn mesh_addr(&self) -> SocketAddr {
+        self.mesh
+    }
+
+    /// The HTTP address.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy
+    }
+
+    /// The local socket.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.inner.cfg.socket
+    }
+
+    /// Flushes the store's metadata (on shutdown).
+    pub fn shutdown(&self) {
+        let _ = self.inner.store.flush();
+        let _ = std::fs::remove_file(&self.inner.cfg.socket);
+        self.inner.pool.close();
+    }
+}
+
+async fn accept(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%remote, error = %transport::conn_error(remote, e), "handshake refused");
+                    return;
+                }
+            };
+            match transport::alpn(&conn).as_deref() {
+                Some(a) if a == d7q_wire::ADMIN_ALPN => admin::serve(conn, inner).await,
+                Some(a) if a == d7q_wire::ALPN => {
+                    let cfg = UploadConfig {
+                        node_id: inner.node_id,
+                        labels: inner.cfg.labels.clone(),
+                        limiter: inner.upload_limiter.clone(),
+                        metrics: inner.metrics.clone(),
+                        danger_corrupt: inner.cfg.danger_corrupt_uploads,
+                    };
+                    upload::serve_connection(conn, inner, cfg)
+                        .instrument(info_span!("upload", %remote))
+                        .await
+                }
+                _ => conn.close(transport::close::VERSION, b"unsupported protocol"),
+            }
+        });
+    }
+}
+
+impl Inner {
+    /// Starts or joins the download of a local client's request.
+    fn get(self: Arc<Self>, req: local::Request) -> watch::Receiver<State> {
+        let digest = match req.digest.as_deref().map(task::parse_digest) {
+            Some(None) => {
+                return done(Err(Failure { code: exit::USAGE, message: "bad digest".into() }));
+            }
+            Some(Some(d)) => Some(d),
+            None => None,
+        };
+        let id = task::task_id(&req.url, digest.as_ref(), None);
+        if let Some(entry) = self.store.get(id).filter(|e| e.is_complete()) {
+            let sha = entry.sha256().unwrap_or_default();
+            if digest.is_some_and(|d| d != sha) {
+                return done(Err(Failure {
+                    code: exit::INTEGRITY,
+                    message: format!(
+                        "digest mismatch: expected {}, got {}",
+                        task::format_digest(&digest.unwrap_or_default()),
+                        task::format_digest(&sha)
+                    ),
+                }));
+            }
+            return done(Ok(Completed {
+                path: entry.data_path().to_path_buf(),
+                length: entry.geometry().length,
+                sha256: sha,
+            }));
+        }
+        let mut running = self.running.lock().expect("running lock");
+        if let Some(rx) = running.get(&id) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(State::Running(0, 0));
+        running.insert(id, rx.clone());
+        drop(running);
+        let reg = Register { task: id, url: req.url.clone(), headers: req.headers, digest, range: None };
+        let inner = self.clone();
+        tokio::spawn(
+            async move {
+                let result = inner.download(reg, &tx).await;
+                inner.running.lock().expect("running lock").remove(&id);
+                let _ = tx.send(State::Done(result.map_err(Failure::from)));
+            }
+            .instrument(info_span!("download", task = %id)),
+        );
+        rx
+    }
+
+    async fn download(self: &Arc<Self>, reg: Register, tx: &watch::Sender<State>) -> Result<Completed, GetError> {
+        let id = reg.task;
+        let url = reg.url.split('?').next().unwrap_or_default().to_string();
+        let me = self.clone();
+        let make_sink: engine::SinkFactory = Box::new(move |g: Geometry| {
+            let entry = me.store.create(id, &url, g)?;
+            me.live
+                .lock()
+                .expect("live lock")
+                .entry(id)
+                .or_insert_with(|| Arc::new(LiveTask { entry: entry.clone(), haves: broadcast::channel(HAVE_FEED).0 }));
+            Ok(Arc::new(StoreSink { entry }) as Arc<dyn PieceSink>)
+        });
+        let me = self.clone();
+        let on_have: engine::HaveFn = Arc::new(move |i| {
+            if let Some(t) = me.live.lock().expect("live lock").get(&id) {
+                let _ = t.haves.send(i);
+            }
+        });
+        let mut limiters = vec![self.download_limiter.clone()];
+        if self.cfg.per_download_rate > 0 {
+            limiters.push(RateLimiter::new(self.cfg.per_download_rate));
+        }
+        let cfg = EngineConfig {
+            node_id: self.node_id,
+            labels: self.cfg.labels.clone(),
+            upload_addr: Some(self.cfg.advertise.unwrap_or(self.cfg.listen)),
+            limiters,
+            metrics: Some(self.metrics.clone()),
+            on_have: Some(on_have),
+        };
+        let txp = tx.clone();
+        let progress: crate::peer::ProgressFn = Arc::new(move |done, total| {
+            let _ = txp.send(State::Running(done, total));
+        });
+        self.metrics.tasks(TaskState::Running).inc();
+        let outcome = engine::download(&self.pool, &self.cfg.supernodes, reg, cfg, make_sink, Some(progress)).await;
+        self.metrics.tasks(TaskState::Running).dec();
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                self.metrics.tasks(TaskState::Failed).inc();
+                return Err(e);
+            }
+        };
+        let entry = self.store.get(id).ok_or_else(|| GetError::Mesh("task vanished from the store".into()))?;
+        let sha = outcome.sha256;
+        let e2 = entry.clone();
+        tokio::task::spawn_blocking(move || e2.complete(sha))
+            .await
+            .map_err(|e| GetError::Mesh(format!("store: {e}")))??;
+        self.metrics.tasks(TaskState::Complete).inc();
+        info!(from_seed = outcome.from_seed, from_peers = outcome.from_peers, "download complete");
+        Ok(Completed { path: entry.data_path().to_path_buf(), length: outcome.geometry.length, sha256: sha })
+    }
+}
+
+fn done(result: Result<Completed, Failure>) -> watch::Receiver<State> {
+    watch::channel(State::Done(result)).1
+}
+
+/// Stored pieces of a task in the daemon's store.
+struct StoreSink {
+    entry: Arc<TaskEntry>,
+}
+
+impl PieceSink for StoreSink {
+    fn write_piece(&self, index: u32, bytes: &[u8]) -> Result<(), StoreError> {
+        self.entry.write_piece(index, bytes)
+    }
+
+    fn read_piece(&self, index: u32) -> Result<Vec<u8>, StoreError> {
+        self.entry.read_piece(index)
+    }
+
+    fn stored(&self) -> Vec<(u32, Option<Sha256>)> {
+        self.entry.bitmap().iter_ones().map(|i| (i, self.entry.digest(i))).collect()
+    }
+
+    fn record_digests(&self, first: u32, digests: &[Sha256]) {
+        let _ = self.entry.set_digests(first, digests);
+    }
+}
+
+impl PieceStore for Inner {
+    fn subscribe(&self, task: TaskId) -> Option<(Bitmap, broadcast::Receiver<u32>)> {
+        let t = self.live.lock().expect("live lock").get(&task).cloned()?;
+        // Subscribe before the snapshot, so no piece falls between the two.
+        let rx = t.haves.subscribe();
+        Some((t.entry.bitmap(), rx))
+    }
+
+    fn read_piece(&self, task: TaskId, index: u32) -> Option<Vec<u8>> {
+        let t = self.live.lock().expect("live lock").get(&task).cloned()?;
+        if !t.entry.has(index) {
+            return None;
+        }
+        t.entry.read_piece(index).ok()
+    }
+}
+
+impl admin::StatusSource for Inner {
+    fn status(&self) -> admin::Status {
+        let mut tasks: Vec<admin::TaskStatus> = self
+            .store
+            .list()
+            .into_iter()
+            .map(|e| admin::TaskStatus {
+                id: e.task.to_string(),
+                url: e.url,
+                length: Some(e.geometry.length),
+                piece_count: Some(e.geometry.piece_count),
+                pieces_done: e.pieces,
+                state: if e.complete { "complete" } else { "partial" }.into(),
+                sha256: e.sha256.as_ref().map(task::format_digest),
+            })
+            .collect();
+        tasks.sort_by(|a, b| a.id.cmp(&b.id));
+        admin::Status {
+            node: admin::NodeStatus {
+                role: "daemon".into(),
+                node_id: self.node_id.to_string(),
+                labels: self.cfg.labels.clone(),
+                uptime_secs: self.started.elapsed().as_secs(),
+            },
+            tasks,
+        }
+    }
+}
+
+/// The node id kept in the data directory, so a restarted daemon is the same node.
+fn load_node_id(dir: &std::path::Path) -> std::io::Result<NodeId> {
+    let path = dir.join("node-id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        if let Some(id) = parse_hex16(s.trim()) {
+            return Ok(NodeId(id));
+        }
+    }
+    let id = NodeId(rand::random());
+    std::fs::write(&path, id.to_string())?;
+    Ok(id)
+}
+
+fn parse_hex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, c) in s.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
