@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::daemon::{Daemon, DaemonConfig};
 use crate::exit;
 use crate::peer::{self, GetError, GetRequest, ProgressFn};
 use crate::pki::{ClusterCa, NodeIdentity};
 use crate::supernode::{Supernode, SupernodeConfig};
-use crate::daemon::{Daemon, DaemonConfig};
 use crate::{admin, config, demo, embedded, local, task, transport};
 
 /// QUIC-native peer-to-peer distribution of container images and large files.
@@ -337,7 +337,10 @@ async fn daemon(a: DaemonArgs) -> i32 {
 /// Flags over the config file over defaults; every refusal names the flag or key.
 fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
     let file = match &a.config {
-        Some(path) => config::ConfigFile::load(path).map_err(|e| e.to_string())?.daemon.unwrap_or_default(),
+        Some(path) => config::ConfigFile::load(path)
+            .map_err(|e| e.to_string())?
+            .daemon
+            .unwrap_or_default(),
         None => Default::default(),
     };
     let rate = |flag: &Option<String>, key: &str, from_file: Option<u64>| -> Result<u64, String> {
@@ -346,20 +349,42 @@ fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
             None => Ok(from_file.unwrap_or(0)),
         }
     };
-    let pki = a.pki.clone().or(file.pki.clone()).ok_or("--pki NODEDIR is required (or daemon.pki in the config)")?;
+    let pki = a
+        .pki
+        .clone()
+        .or(file.pki.clone())
+        .ok_or("--pki NODEDIR is required (or daemon.pki in the config)")?;
     let identity = NodeIdentity::load(&pki).map_err(|e| format!("node identity: {e}"))?;
     let supernodes = config::pick_list(a.supernode.clone(), file.supernode.clone());
     if supernodes.is_empty() {
-        return Err("at least one --supernode ADDR is required (or daemon.supernode in the config)".into());
+        return Err(
+            "at least one --supernode ADDR is required (or daemon.supernode in the config)".into(),
+        );
     }
     Ok(DaemonConfig {
-        listen: config::pick(a.listen, file.listen, "0.0.0.0:65002".parse().expect("literal")),
+        listen: config::pick(
+            a.listen,
+            file.listen,
+            "0.0.0.0:65002".parse().expect("literal"),
+        ),
         advertise: a.advertise,
-        proxy: config::pick(a.proxy, file.proxy, "127.0.0.1:65001".parse().expect("literal")),
-        data_dir: config::pick(a.data_dir.clone(), file.data_dir.clone(), PathBuf::from("/var/lib/d7q/daemon")),
+        proxy: config::pick(
+            a.proxy,
+            file.proxy,
+            "127.0.0.1:65001".parse().expect("literal"),
+        ),
+        data_dir: config::pick(
+            a.data_dir.clone(),
+            file.data_dir.clone(),
+            PathBuf::from("/var/lib/d7q/daemon"),
+        ),
         identity,
         supernodes,
-        socket: config::pick(a.socket.clone(), file.socket.clone(), config::default_socket_path()),
+        socket: config::pick(
+            a.socket.clone(),
+            file.socket.clone(),
+            config::default_socket_path(),
+        ),
         labels: d7q_wire::Labels {
             dc: config::pick(a.dc.clone(), file.dc.clone(), String::new()),
             zone: config::pick(a.zone.clone(), file.zone.clone(), String::new()),
@@ -367,7 +392,11 @@ fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
         },
         upload_rate: rate(&a.upload_rate, "upload-rate", file.upload_rate)?,
         download_rate: rate(&a.download_rate, "download-rate", file.download_rate)?,
-        per_download_rate: rate(&a.per_download_rate, "per-download-rate", file.per_download_rate)?,
+        per_download_rate: rate(
+            &a.per_download_rate,
+            "per-download-rate",
+            file.per_download_rate,
+        )?,
         danger_corrupt_uploads: a.danger_corrupt_uploads,
     })
 }

@@ -115,7 +115,10 @@ pub struct Failure {
 
 impl From<GetError> for Failure {
     fn from(e: GetError) -> Self {
-        Failure { code: e.exit_code(), message: e.to_string() }
+        Failure {
+            code: e.exit_code(),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -126,16 +129,30 @@ impl Daemon {
         let node_id = load_node_id(&cfg.data_dir)?;
         let store = TaskStore::open(&cfg.data_dir)?;
         let s = store.open_summary();
-        info!(tasks = s.tasks, complete = s.complete, pieces_dropped = s.pieces_dropped, "store opened");
+        info!(
+            tasks = s.tasks,
+            complete = s.complete,
+            pieces_dropped = s.pieces_dropped,
+            "store opened"
+        );
         let endpoint = transport::endpoint(&cfg.identity, cfg.listen, true)?;
         let mesh = endpoint.local_addr()?;
+        // With port 0 the kernel chose: advertise what was bound.
+        let mut cfg = cfg;
+        cfg.listen = mesh;
         let metrics = Arc::new(Metrics::new(Role::Daemon));
         let http = tokio::net::TcpListener::bind(cfg.proxy).await?;
         let proxy = http.local_addr()?;
         let mut live = HashMap::new();
         for info in store.list() {
             if let Some(entry) = store.get(info.task) {
-                live.insert(info.task, Arc::new(LiveTask { entry, haves: broadcast::channel(HAVE_FEED).0 }));
+                live.insert(
+                    info.task,
+                    Arc::new(LiveTask {
+                        entry,
+                        haves: broadcast::channel(HAVE_FEED).0,
+                    }),
+                );
             }
         }
         let inner = Arc::new(Inner {
@@ -152,7 +169,11 @@ impl Daemon {
         });
         let socket = local::bind(&inner.cfg.socket)?;
         tokio::spawn(local::serve(socket, Daemon::handle(inner.clone())));
-        tokio::spawn(crate::metrics::serve(http, metrics, std::future::pending::<()>()));
+        tokio::spawn(crate::metrics::serve(
+            http,
+            metrics,
+            std::future::pending::<()>(),
+        ));
         tokio::spawn(accept(endpoint, inner.clone()));
         Ok(Self { inner, mesh, proxy })
     }
@@ -221,7 +242,10 @@ impl Inner {
     fn get(self: Arc<Self>, req: local::Request) -> watch::Receiver<State> {
         let digest = match req.digest.as_deref().map(task::parse_digest) {
             Some(None) => {
-                return done(Err(Failure { code: exit::USAGE, message: "bad digest".into() }));
+                return done(Err(Failure {
+                    code: exit::USAGE,
+                    message: "bad digest".into(),
+                }));
             }
             Some(Some(d)) => Some(d),
             None => None,
@@ -252,7 +276,13 @@ impl Inner {
         let (tx, rx) = watch::channel(State::Running(0, 0));
         running.insert(id, rx.clone());
         drop(running);
-        let reg = Register { task: id, url: req.url.clone(), headers: req.headers, digest, range: None };
+        let reg = Register {
+            task: id,
+            url: req.url.clone(),
+            headers: req.headers,
+            digest,
+            range: None,
+        };
         let inner = self.clone();
         tokio::spawn(
             async move {
@@ -265,7 +295,11 @@ impl Inner {
         rx
     }
 
-    async fn download(self: &Arc<Self>, reg: Register, tx: &watch::Sender<State>) -> Result<Completed, GetError> {
+    async fn download(
+        self: &Arc<Self>,
+        reg: Register,
+        tx: &watch::Sender<State>,
+    ) -> Result<Completed, GetError> {
         let id = reg.task;
         let url = reg.url.split('?').next().unwrap_or_default().to_string();
         let me = self.clone();
@@ -275,7 +309,12 @@ impl Inner {
                 .lock()
                 .expect("live lock")
                 .entry(id)
-                .or_insert_with(|| Arc::new(LiveTask { entry: entry.clone(), haves: broadcast::channel(HAVE_FEED).0 }));
+                .or_insert_with(|| {
+                    Arc::new(LiveTask {
+                        entry: entry.clone(),
+                        haves: broadcast::channel(HAVE_FEED).0,
+                    })
+                });
             Ok(Arc::new(StoreSink { entry }) as Arc<dyn PieceSink>)
         });
         let me = self.clone();
@@ -301,7 +340,15 @@ impl Inner {
             let _ = txp.send(State::Running(done, total));
         });
         self.metrics.tasks(TaskState::Running).inc();
-        let outcome = engine::download(&self.pool, &self.cfg.supernodes, reg, cfg, make_sink, Some(progress)).await;
+        let outcome = engine::download(
+            &self.pool,
+            &self.cfg.supernodes,
+            reg,
+            cfg,
+            make_sink,
+            Some(progress),
+        )
+        .await;
         self.metrics.tasks(TaskState::Running).dec();
         let outcome = match outcome {
             Ok(o) => o,
@@ -310,15 +357,26 @@ impl Inner {
                 return Err(e);
             }
         };
-        let entry = self.store.get(id).ok_or_else(|| GetError::Mesh("task vanished from the store".into()))?;
+        let entry = self
+            .store
+            .get(id)
+            .ok_or_else(|| GetError::Mesh("task vanished from the store".into()))?;
         let sha = outcome.sha256;
         let e2 = entry.clone();
         tokio::task::spawn_blocking(move || e2.complete(sha))
             .await
             .map_err(|e| GetError::Mesh(format!("store: {e}")))??;
         self.metrics.tasks(TaskState::Complete).inc();
-        info!(from_seed = outcome.from_seed, from_peers = outcome.from_peers, "download complete");
-        Ok(Completed { path: entry.data_path().to_path_buf(), length: outcome.geometry.length, sha256: sha })
+        info!(
+            from_seed = outcome.from_seed,
+            from_peers = outcome.from_peers,
+            "download complete"
+        );
+        Ok(Completed {
+            path: entry.data_path().to_path_buf(),
+            length: outcome.geometry.length,
+            sha256: sha,
+        })
     }
 }
 
@@ -341,7 +399,11 @@ impl PieceSink for StoreSink {
     }
 
     fn stored(&self) -> Vec<(u32, Option<Sha256>)> {
-        self.entry.bitmap().iter_ones().map(|i| (i, self.entry.digest(i))).collect()
+        self.entry
+            .bitmap()
+            .iter_ones()
+            .map(|i| (i, self.entry.digest(i)))
+            .collect()
     }
 
     fn record_digests(&self, first: u32, digests: &[Sha256]) {

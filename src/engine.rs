@@ -75,8 +75,7 @@ pub trait PieceSink: Send + Sync + 'static {
 }
 
 /// Makes the sink once the content's geometry is known.
-pub type SinkFactory =
-    Box<dyn FnOnce(Geometry) -> Result<Arc<dyn PieceSink>, StoreError> + Send>;
+pub type SinkFactory = Box<dyn FnOnce(Geometry) -> Result<Arc<dyn PieceSink>, StoreError> + Send>;
 
 /// Called with each newly stored piece (a daemon tells its children).
 pub type HaveFn = Arc<dyn Fn(u32) + Send + Sync>;
@@ -121,7 +120,10 @@ pub struct ConnPool {
 impl ConnPool {
     /// A pool dialling from `ep`.
     pub fn new(ep: quinn::Endpoint) -> Self {
-        Self { ep, conns: Mutex::new(HashMap::new()) }
+        Self {
+            ep,
+            conns: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The endpoint.
@@ -137,7 +139,10 @@ impl ConnPool {
             }
         }
         let conn = transport::connect(&self.ep, addr).await?;
-        self.conns.lock().expect("pool lock").insert(addr, conn.clone());
+        self.conns
+            .lock()
+            .expect("pool lock")
+            .insert(addr, conn.clone());
         Ok(conn)
     }
 
@@ -201,7 +206,9 @@ pub async fn download(
     for addr in rendezvous(reg.task, supernodes) {
         match pool.get(addr).await {
             Ok(conn) => {
-                return Engine::new(pool, conn, reg, cfg, progress).run(make_sink).await;
+                return Engine::new(pool, conn, reg, cfg, progress)
+                    .run(make_sink)
+                    .await;
             }
             Err(e) => {
                 debug!(%addr, error = %e, "supernode not usable");
@@ -321,11 +328,19 @@ impl<'a> Engine<'a> {
                 0
             }),
         });
-        proto::write_msg(&mut send, &hello).await.map_err(|e| self.proto_error(e))?;
-        match proto::expect_msg::<Control>(&mut recv).await.map_err(|e| self.proto_error(e))? {
+        proto::write_msg(&mut send, &hello)
+            .await
+            .map_err(|e| self.proto_error(e))?;
+        match proto::expect_msg::<Control>(&mut recv)
+            .await
+            .map_err(|e| self.proto_error(e))?
+        {
             Control::HelloAck(ack) if ack.major == d7q_wire::MAJOR_VERSION => {}
             Control::HelloAck(_)
-            | Control::Error(ErrorMsg { code: ErrorCode::VersionMismatch, .. }) => {
+            | Control::Error(ErrorMsg {
+                code: ErrorCode::VersionMismatch,
+                ..
+            }) => {
                 return Err(MeshError::VersionMismatch {
                     addr: remote,
                     ours: String::from_utf8_lossy(d7q_wire::ALPN).into(),
@@ -333,7 +348,9 @@ impl<'a> Engine<'a> {
                 .into())
             }
             other => {
-                return Err(GetError::Mesh(format!("{remote}: expected HelloAck, got {other:?}")))
+                return Err(GetError::Mesh(format!(
+                    "{remote}: expected HelloAck, got {other:?}"
+                )))
             }
         }
         proto::write_msg(&mut send, &Control::Register(self.reg.clone()))
@@ -361,7 +378,9 @@ impl<'a> Engine<'a> {
         self.inflight.abort_all();
         let _ = proto::write_msg(
             &mut send,
-            &Control::Goodbye(d7q_wire::Goodbye { reason: "done".into() }),
+            &Control::Goodbye(d7q_wire::Goodbye {
+                reason: "done".into(),
+            }),
         )
         .await;
         let _ = send.finish();
@@ -489,8 +508,16 @@ impl<'a> Engine<'a> {
         let writer_sink = sink.clone();
         let writer = tokio::task::spawn_blocking(move || write_pieces(rx, writer_sink, g, hash));
         let resumed: HashMap<u32, Option<Sha256>> = sink.stored().into_iter().collect();
-        info!(length = g.length, pieces = g.piece_count, resumed = resumed.len(), "download started");
-        let cfg = PickerConfig { seed: rand::random(), ..PickerConfig::default() };
+        info!(
+            length = g.length,
+            pieces = g.piece_count,
+            resumed = resumed.len(),
+            "download started"
+        );
+        let cfg = PickerConfig {
+            seed: rand::random(),
+            ..PickerConfig::default()
+        };
         Ok(Running {
             geometry: g,
             picker: PiecePicker::new(g.piece_count, cfg),
@@ -521,14 +548,20 @@ impl<'a> Engine<'a> {
         sources.push((SEED, self.seed.clone(), SEED_IN_FLIGHT));
         for (src, conn, limit) in sources {
             while r.picker.in_flight(src) < limit {
-                let Some(i) = r.picker.poll_request(src) else { break };
+                let Some(i) = r.picker.poll_request(src) else {
+                    break;
+                };
                 let Some(digest) = r.digests[i as usize] else {
                     r.picker.handle_failed(src, i);
                     break;
                 };
                 let len = r.geometry.piece_len(i);
                 let task = self.reg.task;
-                let delay = if src == SEED { retry_delay(r.seed_attempts[i as usize]) } else { Duration::ZERO };
+                let delay = if src == SEED {
+                    retry_delay(r.seed_attempts[i as usize])
+                } else {
+                    Duration::ZERO
+                };
                 let limiters = self.cfg.limiters.clone();
                 let conn = conn.clone();
                 let h = self.inflight.spawn(async move {
@@ -562,7 +595,12 @@ impl<'a> Engine<'a> {
                     self.from_peers += n;
                 }
                 if let Some(m) = &self.cfg.metrics {
-                    m.download_bytes(if src == SEED { Source::Supernode } else { Source::Peer }).add(n);
+                    m.download_bytes(if src == SEED {
+                        Source::Supernode
+                    } else {
+                        Source::Peer
+                    })
+                    .add(n);
                 }
                 if !r.done.set(i) {
                     return Ok(()); // a duplicate that finished second
@@ -580,7 +618,10 @@ impl<'a> Engine<'a> {
                 if let Some(h) = &self.cfg.on_have {
                     h(i);
                 }
-                let have = Control::Have(Have { task: self.reg.task, pieces: vec![i] });
+                let have = Control::Have(Have {
+                    task: self.reg.task,
+                    pieces: vec![i],
+                });
                 let _ = proto::write_msg(send, &have).await;
             }
             Err(e) => {
@@ -612,7 +653,9 @@ impl<'a> Engine<'a> {
                     _ => None,
                 };
                 let corrupt = matches!(reason, Some(BadPeerReason::DigestMismatch));
-                let Some(p) = self.parents.get_mut(&src) else { return Ok(()) };
+                let Some(p) = self.parents.get_mut(&src) else {
+                    return Ok(());
+                };
                 p.failures += 1;
                 let node = p.info.node_id;
                 if corrupt || p.failures >= PARENT_FAILURES {
@@ -620,7 +663,11 @@ impl<'a> Engine<'a> {
                         warn!(peer = %node, addr = %p.info.addr, piece = i, "parent sent a corrupt piece; dropped");
                     }
                     if let Some(reason) = reason {
-                        let report = Control::BadPeer(BadPeerReport { task: self.reg.task, peer: node, reason });
+                        let report = Control::BadPeer(BadPeerReport {
+                            task: self.reg.task,
+                            peer: node,
+                            reason,
+                        });
                         let _ = proto::write_msg(send, &report).await;
                     }
                     self.banned.push(node);
@@ -652,7 +699,15 @@ impl<'a> Engine<'a> {
             ))
             .abort_handle();
             self.by_node.insert(info.node_id, src);
-            self.parents.insert(src, Parent { info, conn: None, failures: 0, task });
+            self.parents.insert(
+                src,
+                Parent {
+                    info,
+                    conn: None,
+                    failures: 0,
+                    task,
+                },
+            );
         }
     }
 
@@ -718,8 +773,12 @@ async fn parent_session(
     events: mpsc::Sender<Event>,
 ) {
     let result: Result<(), String> = async {
-        let conn = transport::connect(&ep, addr).await.map_err(|e| e.to_string())?;
-        let (mut send, mut recv) = proto::open_control(&conn).await.map_err(|e| e.to_string())?;
+        let conn = transport::connect(&ep, addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = proto::open_control(&conn)
+            .await
+            .map_err(|e| e.to_string())?;
         let hello = Control::Hello(Hello {
             major: d7q_wire::MAJOR_VERSION,
             minor: d7q_wire::MINOR_VERSION,
@@ -728,13 +787,23 @@ async fn parent_session(
             upload_addr: cfg.upload_addr,
             capabilities: Capabilities(0),
         });
-        proto::write_msg(&mut send, &hello).await.map_err(|e| e.to_string())?;
-        match proto::expect_msg::<Control>(&mut recv).await.map_err(|e| e.to_string())? {
+        proto::write_msg(&mut send, &hello)
+            .await
+            .map_err(|e| e.to_string())?;
+        match proto::expect_msg::<Control>(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Control::HelloAck(a) if a.major == d7q_wire::MAJOR_VERSION => {}
             other => return Err(format!("unexpected answer {other:?}")),
         }
-        let subscribe = Control::Bitmap(BitmapUpdate { task, bitmap: Bitmap::new(0) });
-        proto::write_msg(&mut send, &subscribe).await.map_err(|e| e.to_string())?;
+        let subscribe = Control::Bitmap(BitmapUpdate {
+            task,
+            bitmap: Bitmap::new(0),
+        });
+        proto::write_msg(&mut send, &subscribe)
+            .await
+            .map_err(|e| e.to_string())?;
         events
             .send(Event::ParentReady(src, conn.clone()))
             .await
@@ -904,7 +973,9 @@ pub async fn fetch_piece(
             .map_err(|e| PieceError::Stream(e.to_string()))?;
         let _ = send.finish();
         let mut h = [0u8; d7q_wire::piece::PIECE_HEADER_LEN];
-        recv.read_exact(&mut h).await.map_err(|e| PieceError::Stream(e.to_string()))?;
+        recv.read_exact(&mut h)
+            .await
+            .map_err(|e| PieceError::Stream(e.to_string()))?;
         let header = PieceHeader::decode(h).map_err(|e| PieceError::Stream(e.to_string()))?;
         if header.status != PieceStatus::Ok {
             return Err(PieceError::Refused(header.status));
@@ -916,14 +987,18 @@ pub async fn fetch_piece(
             )));
         }
         let mut buf = vec![0u8; len as usize];
-        recv.read_exact(&mut buf).await.map_err(|e| PieceError::Stream(e.to_string()))?;
+        recv.read_exact(&mut buf)
+            .await
+            .map_err(|e| PieceError::Stream(e.to_string()))?;
         let got: Sha256 = sha2::Sha256::digest(&buf).into();
         if got != digest {
             return Err(PieceError::Corrupt);
         }
         Ok(Bytes::from(buf))
     };
-    tokio::time::timeout(PIECE_TIMEOUT, work).await.map_err(|_| PieceError::Timeout)?
+    tokio::time::timeout(PIECE_TIMEOUT, work)
+        .await
+        .map_err(|_| PieceError::Timeout)?
 }
 
 #[cfg(test)]
@@ -932,20 +1007,26 @@ mod tests {
 
     #[test]
     fn rendezvous_is_stable_and_spreads_tasks() {
-        let sns: Vec<SocketAddr> =
-            (1..=3).map(|i| format!("10.0.0.{i}:8002").parse().unwrap()).collect();
+        let sns: Vec<SocketAddr> = (1..=3)
+            .map(|i| format!("10.0.0.{i}:8002").parse().unwrap())
+            .collect();
         let t = TaskId([7; 16]);
         let order = rendezvous(t, &sns);
         assert_eq!(order.len(), 3);
         let mut rev = sns.clone();
         rev.reverse();
-        assert_eq!(rendezvous(t, &rev), order, "order does not depend on the configured order");
+        assert_eq!(
+            rendezvous(t, &rev),
+            order,
+            "order does not depend on the configured order"
+        );
         // Without the home supernode, the others keep their relative order.
         let without: Vec<SocketAddr> = sns.iter().copied().filter(|a| *a != order[0]).collect();
         assert_eq!(rendezvous(t, &without), order[1..].to_vec());
         // Different tasks have different homes.
-        let homes: std::collections::HashSet<SocketAddr> =
-            (0..64u8).map(|k| rendezvous(TaskId([k; 16]), &sns)[0]).collect();
+        let homes: std::collections::HashSet<SocketAddr> = (0..64u8)
+            .map(|k| rendezvous(TaskId([k; 16]), &sns)[0])
+            .collect();
         assert_eq!(homes.len(), 3);
     }
 }

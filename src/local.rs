@@ -86,8 +86,12 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(listener: UnixListener, handler: Handler) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(stream, handler).await {
@@ -106,7 +110,10 @@ async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> 
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            let a = Answer::Error { code: crate::exit::USAGE, message: format!("bad request: {e}") };
+            let a = Answer::Error {
+                code: crate::exit::USAGE,
+                message: format!("bad request: {e}"),
+            };
             return write_answer(&mut write, &a).await;
         }
     };
@@ -114,7 +121,9 @@ async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> 
     loop {
         let state = rx.borrow_and_update().clone();
         match state {
-            State::Running(done, total) => write_answer(&mut write, &Answer::Progress(done, total)).await?,
+            State::Running(done, total) => {
+                write_answer(&mut write, &Answer::Progress(done, total)).await?
+            }
             State::Done(Ok(c)) => {
                 let a = Answer::Done {
                     path: c.path,
@@ -124,7 +133,14 @@ async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> 
                 return write_answer(&mut write, &a).await;
             }
             State::Done(Err(f)) => {
-                return write_answer(&mut write, &Answer::Error { code: f.code, message: f.message }).await
+                return write_answer(
+                    &mut write,
+                    &Answer::Error {
+                        code: f.code,
+                        message: f.message,
+                    },
+                )
+                .await
             }
         }
         if rx.changed().await.is_err() {
@@ -133,7 +149,10 @@ async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> 
             if let State::Done(_) = state {
                 continue;
             }
-            let a = Answer::Error { code: crate::exit::FAILURE, message: "daemon download ended".into() };
+            let a = Answer::Error {
+                code: crate::exit::FAILURE,
+                message: "daemon download ended".into(),
+            };
             return write_answer(&mut write, &a).await;
         }
     }
@@ -151,7 +170,11 @@ pub fn daemon_running(path: &Path) -> bool {
 }
 
 /// Downloads through the daemon at `socket` and places the result at `req.output`.
-pub async fn get(socket: &Path, req: &GetRequest, progress: Option<ProgressFn>) -> Result<GetOutcome, GetError> {
+pub async fn get(
+    socket: &Path,
+    req: &GetRequest,
+    progress: Option<ProgressFn>,
+) -> Result<GetOutcome, GetError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|e| GetError::Mesh(format!("daemon socket {}: {e}", socket.display())))?;
@@ -163,7 +186,10 @@ pub async fn get(socket: &Path, req: &GetRequest, progress: Option<ProgressFn>) 
     };
     let mut line = serde_json::to_vec(&request).expect("request serializes");
     line.push(b'\n');
-    write.write_all(&line).await.map_err(|e| GetError::Mesh(format!("daemon socket: {e}")))?;
+    write
+        .write_all(&line)
+        .await
+        .map_err(|e| GetError::Mesh(format!("daemon socket: {e}")))?;
     let mut lines = BufReader::new(read).lines();
     loop {
         let line = lines
@@ -171,22 +197,30 @@ pub async fn get(socket: &Path, req: &GetRequest, progress: Option<ProgressFn>) 
             .await
             .map_err(|e| GetError::Mesh(format!("daemon socket: {e}")))?
             .ok_or_else(|| GetError::Mesh("the daemon closed the connection".into()))?;
-        let answer: Answer =
-            serde_json::from_str(&line).map_err(|e| GetError::Mesh(format!("daemon answered nonsense: {e}")))?;
+        let answer: Answer = serde_json::from_str(&line)
+            .map_err(|e| GetError::Mesh(format!("daemon answered nonsense: {e}")))?;
         match answer {
             Answer::Progress(done, total) => {
                 if let Some(p) = &progress {
                     p(done, total);
                 }
             }
-            Answer::Done { path, length, sha256 } => {
+            Answer::Done {
+                path,
+                length,
+                sha256,
+            } => {
                 let sha = crate::task::parse_digest(&sha256)
                     .ok_or_else(|| GetError::Mesh("daemon sent a bad digest".into()))?;
                 let output = req.output.clone();
                 tokio::task::spawn_blocking(move || place(&path, &output))
                     .await
                     .map_err(|e| GetError::Mesh(format!("placing the file: {e}")))??;
-                return Ok(GetOutcome { length, sha256: sha, sources: vec![] });
+                return Ok(GetOutcome {
+                    length,
+                    sha256: sha,
+                    sources: vec![],
+                });
             }
             Answer::Error { code, message } => {
                 return Err(match code {
@@ -206,7 +240,10 @@ fn place(source: &Path, target: &Path) -> Result<(), StoreError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.d7q-{:016x}.part", rand::random::<u64>()));
     let io = |path: &Path| {
         let path = path.to_path_buf();

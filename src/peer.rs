@@ -110,7 +110,10 @@ pub async fn get_with(
     let (slot2, output) = (slot.clone(), req.output.clone());
     let make_sink: SinkFactory = Box::new(move |g: Geometry| {
         let out = TempOutput::create(&output, g.length)?;
-        let sink = Arc::new(FileSink { file: out.file_handle(), geometry: g });
+        let sink = Arc::new(FileSink {
+            file: out.file_handle(),
+            geometry: g,
+        });
         *slot2.lock().expect("slot lock") = Some(out);
         Ok(sink as Arc<dyn PieceSink>)
     });
@@ -144,6 +147,9 @@ impl PieceSink for FileSink {
     }
 
     fn read_piece(&self, index: u32) -> Result<Vec<u8>, StoreError> {
-        self.file.read_at(self.geometry.offset(index), self.geometry.piece_len(index) as usize)
+        self.file.read_at(
+            self.geometry.offset(index),
+            self.geometry.piece_len(index) as usize,
+        )
     }
 }

@@ -12,13 +12,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use d7q_wire::{
-    ByteRange, Capabilities, Control, ErrorCode, ErrorMsg, HelloAck, Labels, NodeId, PieceDigests,
-    PieceHeader, PieceRequest, PieceStatus, Register, Sha256, TaskComplete, TaskId, TaskMeta,
-    MAX_DIGESTS_PER_MESSAGE, MAX_STRING_LEN,
+    ByteRange, Capabilities, Control, ErrorCode, ErrorMsg, HelloAck, Labels, NodeId, Parents,
+    PieceDigests, PieceHeader, PieceRequest, PieceStatus, Register, Sha256, TaskComplete, TaskId,
+    TaskMeta, MAX_DIGESTS_PER_MESSAGE, MAX_STRING_LEN,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -27,6 +27,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::origin::{OriginClient, OriginError};
 use crate::pki::NodeIdentity;
+use crate::sched::parents::{Swarm, SwarmConfig};
 use crate::store::{self, DataFile, StoreError};
 use crate::task::{self, Geometry, MIN_PIECE_SIZE};
 use crate::transport::{self, close, MeshError};
@@ -38,6 +39,8 @@ pub const INGEST_QUEUE_PIECES: usize = 4;
 pub const MAX_CONCURRENT_UPLOADS: usize = 64;
 /// Connections handled at once.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// How often a peer's parents are reconsidered.
+pub const PARENTS_INTERVAL: Duration = Duration::from_millis(500);
 /// Control messages queued toward one peer before we stop reading from it.
 pub const CONTROL_QUEUE: usize = 256;
 
@@ -81,6 +84,34 @@ struct SeedTask {
     progress: watch::Sender<Progress>,
     digests: Mutex<Vec<Sha256>>,
     file: Mutex<Option<Arc<DataFile>>>,
+    /// Who has which pieces, and who should fetch from whom; made once the piece count is known.
+    swarm: Mutex<Option<Swarm>>,
+}
+
+impl SeedTask {
+    /// Runs `f` on the task's swarm, once its geometry is known.
+    fn with_swarm<R>(&self, f: impl FnOnce(&mut Swarm) -> R) -> Option<R> {
+        let count = self.progress.borrow().meta?.piece_count;
+        let mut guard = self.swarm.lock().expect("swarm lock");
+        let swarm = guard.get_or_insert_with(|| {
+            Swarm::new(
+                count,
+                SwarmConfig {
+                    seed: rand::random(),
+                    ..SwarmConfig::default()
+                },
+            )
+        });
+        Some(f(swarm))
+    }
+}
+
+/// A peer as the scheduler knows it, from its `Hello`.
+#[derive(Clone)]
+struct PeerRef {
+    node: NodeId,
+    addr: Option<SocketAddr>,
+    labels: Labels,
 }
 
 /// What is known of a task's ingest, broadcast to every peer that registered it.
@@ -270,6 +301,12 @@ impl Inner {
             let _ = send.finish();
         });
         let mut watchers = tokio::task::JoinSet::new();
+        let mut registered: Vec<Arc<SeedTask>> = Vec::new();
+        let peer = PeerRef {
+            node: hello.node_id,
+            addr: hello.upload_addr,
+            labels: hello.labels.clone(),
+        };
         let result = loop {
             let msg = match proto::read_msg::<Control>(&mut recv).await {
                 Ok(Some(m)) => m,
@@ -279,7 +316,8 @@ impl Inner {
             match msg {
                 Control::Register(reg) => match self.register(reg) {
                     Ok(task) => {
-                        watchers.spawn(watch_task(task, tx.clone()));
+                        registered.push(task.clone());
+                        watchers.spawn(watch_task(task, tx.clone(), peer.clone()));
                     }
                     Err(err) => {
                         if tx.send(*err).await.is_err() {
@@ -288,7 +326,24 @@ impl Inner {
                     }
                 },
                 Control::Goodbye(_) => break Ok(()),
-                Control::Have(_) | Control::Bitmap(_) | Control::BadPeer(_) => {}
+                Control::Have(h) => {
+                    if let Some(t) = registered.iter().find(|t| t.id == h.task) {
+                        t.with_swarm(|s| s.handle_have(peer.node, &h.pieces));
+                    }
+                }
+                Control::Bitmap(b) => {
+                    if let Some(t) = registered.iter().find(|t| t.id == b.task) {
+                        t.with_swarm(|s| s.handle_bitmap(peer.node, &b.bitmap));
+                    }
+                }
+                Control::BadPeer(r) => {
+                    if let Some(t) = registered.iter().find(|t| t.id == r.task) {
+                        warn!(reporter = %peer.node, suspect = %r.peer, reason = ?r.reason, "bad peer reported");
+                        t.with_swarm(|s| {
+                            s.handle_report(peer.node, r.peer, r.reason, Instant::now())
+                        });
+                    }
+                }
                 other => {
                     break Err(ControlError::Protocol(format!(
                         "unexpected message {other:?}"
@@ -297,6 +352,9 @@ impl Inner {
             }
         };
         watchers.abort_all();
+        for t in &registered {
+            t.with_swarm(|s| s.handle_leave(peer.node));
+        }
         drop(tx);
         let _ = writer.await;
         result
@@ -335,6 +393,7 @@ impl Inner {
             progress: watch::channel(Progress::default()).0,
             digests: Mutex::new(Vec::new()),
             file: Mutex::new(None),
+            swarm: Mutex::new(None),
         });
         tasks.insert(id, task.clone());
         drop(tasks);
@@ -666,6 +725,7 @@ impl Inner {
             progress: watch::channel(progress).0,
             digests: Mutex::new(digests),
             file: Mutex::new(Some(Arc::new(file))),
+            swarm: Mutex::new(None),
         })
     }
 }
@@ -709,64 +769,86 @@ impl admin::StatusSource for Inner {
     }
 }
 
-/// Streams a task's progress to one peer: metadata, digests as pieces land, then the end.
-async fn watch_task(task: Arc<SeedTask>, tx: mpsc::Sender<Control>) {
+/// Streams a task's progress to one peer — metadata, digests as pieces land, the end — and,
+/// for as long as the peer stays, its parents as the swarm changes.
+async fn watch_task(task: Arc<SeedTask>, tx: mpsc::Sender<Control>, peer: PeerRef) {
     let mut rx = task.progress.subscribe();
     let mut sent_meta = false;
     let mut sent: u32 = 0;
+    let mut seeding = true;
+    let mut last_parents: Vec<NodeId> = Vec::new();
+    let mut tick = tokio::time::interval(PARENTS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let p = rx.borrow_and_update().clone();
-        if let Some(err) = p.failed {
-            let _ = tx.send(Control::Error(err)).await;
-            return;
-        }
-        if let Some(m) = p.meta {
-            if !sent_meta {
-                if tx.send(Control::TaskMeta(m)).await.is_err() {
-                    return;
-                }
-                sent_meta = true;
+        if seeding {
+            let p = rx.borrow_and_update().clone();
+            if let Some(err) = p.failed {
+                let _ = tx.send(Control::Error(err)).await;
+                return;
             }
-            while sent < p.available {
-                let chunk: Vec<Sha256> = {
-                    let d = task.digests.lock().expect("digests lock");
-                    let end = (p.available as usize)
-                        .min(d.len())
-                        .min(sent as usize + MAX_DIGESTS_PER_MESSAGE);
-                    d[sent as usize..end].to_vec()
-                };
-                if chunk.is_empty() {
-                    break;
+            if let Some(m) = p.meta {
+                if !sent_meta {
+                    if tx.send(Control::TaskMeta(m)).await.is_err() {
+                        return;
+                    }
+                    sent_meta = true;
+                    task.with_swarm(|s| {
+                        s.handle_join(peer.node, peer.addr, peer.labels.clone(), Instant::now())
+                    });
                 }
-                let n = chunk.len() as u32;
-                if tx
-                    .send(Control::PieceDigests(PieceDigests {
+                while sent < p.available {
+                    let chunk: Vec<Sha256> = {
+                        let d = task.digests.lock().expect("digests lock");
+                        let end = (p.available as usize)
+                            .min(d.len())
+                            .min(sent as usize + MAX_DIGESTS_PER_MESSAGE);
+                        d[sent as usize..end].to_vec()
+                    };
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    let n = chunk.len() as u32;
+                    let msg = Control::PieceDigests(PieceDigests {
                         task: task.id,
                         first: sent,
                         digests: chunk,
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return;
+                    });
+                    if tx.send(msg).await.is_err() {
+                        return;
+                    }
+                    sent += n;
                 }
-                sent += n;
-            }
-            if let Some(sha) = p.done {
-                if sent == m.piece_count {
-                    let _ = tx
-                        .send(Control::TaskComplete(TaskComplete {
+                if let Some(sha) = p.done {
+                    if sent == m.piece_count {
+                        let done = TaskComplete {
                             task: task.id,
                             length: m.length,
                             sha256: sha,
-                        }))
-                        .await;
-                    return;
+                        };
+                        if tx.send(Control::TaskComplete(done)).await.is_err() {
+                            return;
+                        }
+                        seeding = false;
+                    }
                 }
             }
         }
-        if rx.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = rx.changed(), if seeding => {
+                if changed.is_err() {
+                    seeding = false;
+                }
+            }
+            _ = tick.tick(), if sent_meta => {
+                let parents = task.with_swarm(|s| s.poll_parents(peer.node, Instant::now())).unwrap_or_default();
+                let ids: Vec<NodeId> = parents.iter().map(|p| p.node_id).collect();
+                if ids != last_parents {
+                    last_parents = ids;
+                    if tx.send(Control::Parents(Parents { task: task.id, parents })).await.is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
 }

@@ -74,7 +74,9 @@ pub async fn serve_connection<S: PieceStore>(
             // Too many at once from one peer: refuse this one, keep the connection.
             tokio::spawn(async move {
                 let mut send = send;
-                let _ = send.write_all(&PieceHeader::refuse(PieceStatus::Busy).encode()).await;
+                let _ = send
+                    .write_all(&PieceHeader::refuse(PieceStatus::Busy).encode())
+                    .await;
                 let _ = send.finish();
             });
             continue;
@@ -135,7 +137,9 @@ async fn control<S: PieceStore>(
         let _ = send.finish();
         return;
     };
-    if proto::write_msg(&mut send, &Control::Bitmap(BitmapUpdate { task, bitmap })).await.is_err()
+    if proto::write_msg(&mut send, &Control::Bitmap(BitmapUpdate { task, bitmap }))
+        .await
+        .is_err()
     {
         return;
     }
@@ -189,7 +193,9 @@ async fn piece<S: PieceStore>(
     {
         Ok(Ok(r)) => r,
         _ => {
-            let _ = send.write_all(&PieceHeader::refuse(PieceStatus::BadRequest).encode()).await;
+            let _ = send
+                .write_all(&PieceHeader::refuse(PieceStatus::BadRequest).encode())
+                .await;
             let _ = send.finish();
             return;
         }
@@ -197,10 +203,15 @@ async fn piece<S: PieceStore>(
     let (task, index) = (req.task, req.index);
     let read = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.read_piece(task, index)).await.ok().flatten()
+        tokio::task::spawn_blocking(move || store.read_piece(task, index))
+            .await
+            .ok()
+            .flatten()
     };
     let Some(mut bytes) = read else {
-        let _ = send.write_all(&PieceHeader::refuse(PieceStatus::NotAvailable).encode()).await;
+        let _ = send
+            .write_all(&PieceHeader::refuse(PieceStatus::NotAvailable).encode())
+            .await;
         let _ = send.finish();
         return;
     };
@@ -211,7 +222,11 @@ async fn piece<S: PieceStore>(
         }
     }
     let n = bytes.len() as u64;
-    if send.write_all(&PieceHeader::ok(n as u32).encode()).await.is_err() {
+    if send
+        .write_all(&PieceHeader::ok(n as u32).encode())
+        .await
+        .is_err()
+    {
         return;
     }
     if send.write_chunk(Bytes::from(bytes)).await.is_err() {

@@ -218,6 +218,12 @@ impl PiecePicker {
         self.drop_holder(src, i);
     }
 
+    /// Lets `src` have up to `max` requests outstanding instead of
+    /// [`PickerConfig::max_in_flight_per_source`] (the seed may take more than a peer).
+    pub fn set_source_limit(&mut self, src: SourceId, max: usize) {
+        self.source_mut(src).limit = Some(max);
+    }
+
     /// Where a consumer is reading, in pieces; `None` when nobody streams the content.
     pub fn set_read_position(&mut self, pos: Option<u32>) {
         self.read_pos = pos;
@@ -227,7 +233,8 @@ impl PiecePicker {
     /// limit or has nothing useful.
     pub fn poll_request(&mut self, src: SourceId) -> Option<u32> {
         let source = self.sources.get(&src)?;
-        if source.in_flight.len() >= self.cfg.max_in_flight_per_source {
+        let limit = source.limit.unwrap_or(self.cfg.max_in_flight_per_source);
+        if source.in_flight.len() >= limit {
             return None;
         }
         let i = self
@@ -305,6 +312,7 @@ impl PiecePicker {
         self.sources.entry(src).or_insert_with(|| Source {
             has: Bits::new(count),
             in_flight: Vec::new(),
+            limit: None,
         })
     }
 
@@ -455,6 +463,8 @@ struct Source {
     has: Bits,
     /// Pieces requested from it and not yet released.
     in_flight: Vec<u32>,
+    /// Its own limit of requests outstanding, if set.
+    limit: Option<usize>,
 }
 
 /// A plain bitset over piece indices or ranks.
@@ -727,6 +737,11 @@ mod tests {
         assert!(!a.contains(&next) && !b.contains(&next));
         assert_eq!(p.poll_request(A), None);
         assert_eq!(p.poll_cancel(), None);
+        // A source of its own size.
+        p.set_source_limit(C, 5);
+        p.handle_source_bitmap(C, &Bitmap::full(16));
+        assert_eq!(drain(&mut p, C).len(), 5);
+        assert_eq!(p.in_flight(C), 5);
     }
 
     #[test]
@@ -741,7 +756,7 @@ mod tests {
         p.handle_source_bitmap(A, &Bitmap::full(4));
         p.handle_source_bitmap(B, &bitmap(4, [0, 1]));
         assert_eq!(drain(&mut p, A).len(), 4);
-        assert_eq!(drain(&mut p, B), vec![], "everything B has is in flight");
+        assert!(drain(&mut p, B).is_empty(), "everything B has is in flight");
         p.handle_failed(A, 0);
         p.handle_failed(A, 0);
         assert_eq!(p.in_flight(A), 3);
