@@ -5,3 +5,4 @@
 pub mod parents;
 pub mod picker;
 pub mod ratelimit;
+pub mod seed;

@@ -72,6 +72,20 @@ pub struct Supernode {
     log: PathBuf,
 }
 
+/// A running `d7q daemon`.
+pub struct Daemon {
+    child: Child,
+    /// Its mesh (upload) address.
+    pub mesh: SocketAddr,
+    /// Its HTTP address (`/metrics`).
+    pub proxy: SocketAddr,
+    /// Its local socket.
+    pub socket: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    log: PathBuf,
+}
+
 /// An HTTPS origin with its own CA, serving files from a directory of the sandbox.
 pub struct Origin {
     pub server: DevServer,
@@ -269,6 +283,70 @@ impl Env {
         }
     }
 
+    /// Starts `d7q daemon` with identity `pki` against `supernodes`, plus `extra` flags, and
+    /// waits for its `ready mesh=… proxy=… socket=…` line.
+    pub async fn daemon(&self, pki: &Path, supernodes: &[&Supernode], extra: &[&str]) -> Daemon {
+        let name = pki
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("daemon")
+            .to_string();
+        let data_dir = self.dir(&format!("daemon-data-{name}"));
+        let socket = self.path().join(format!("{name}.sock"));
+        let log = self.path().join(format!("daemon-{name}.log"));
+        let log_file = std::fs::File::create(&log).expect("daemon log");
+        let mut cmd = self.command();
+        cmd.args([
+            "daemon",
+            "--listen",
+            "127.0.0.1:0",
+            "--proxy",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .arg("--pki")
+        .arg(pki)
+        .arg("--socket")
+        .arg(&socket)
+        .args(extra);
+        for sn in supernodes {
+            cmd.arg("--supernode").arg(sn.addr());
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::from(log_file));
+        let mut child = cmd.spawn().expect("spawn daemon");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(READY_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await.ok().flatten() {
+                if line.starts_with("ready ") {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        let Ok(Some(line)) = ready else {
+            let _ = child.start_kill();
+            panic!("daemon {name} not ready; log:\n{}", read_lossy(&log));
+        };
+        let addr = |key: &str| -> SocketAddr {
+            field(&line, key)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
+        };
+        let (mesh, proxy) = (addr("mesh"), addr("proxy"));
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Daemon {
+            child,
+            mesh,
+            proxy,
+            socket,
+            data_dir,
+            log,
+        }
+    }
+
     /// An HTTPS origin with a fresh CA, serving `origin/` of the sandbox.
     pub async fn origin(&self) -> Origin {
         let root = self.dir("origin");
@@ -371,6 +449,56 @@ impl Drop for Supernode {
                 self.mesh,
                 self.log.display(),
                 tail(&read_lossy(&self.log), 200)
+            );
+        }
+    }
+}
+
+impl Daemon {
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+
+    /// `--daemon SOCKET` for `d7q get`.
+    pub fn socket_arg(&self) -> &str {
+        self.socket.to_str().expect("utf-8 path")
+    }
+
+    /// Its Prometheus metrics, parsed into `name{labels}` → value.
+    pub async fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(self.proxy)
+            .await
+            .expect("metrics connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: d7q\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("metrics request");
+        let mut body = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
+            .await
+            .expect("metrics read");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect()
+    }
+
+    /// Stops the daemon (SIGKILL).
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon {} log:\n{}",
+                self.mesh,
+                tail(&read_lossy(&self.log), 100)
             );
         }
     }
