@@ -57,6 +57,8 @@ pub const PARENT_FAILURES: u32 = 3;
 pub const SEED_ATTEMPTS: u32 = 4;
 /// How long to wait for the seed's answer to a registration (the origin may be slow).
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a piece the seed refused as busy is not asked of the seed again (peers hold it).
+pub const SEED_BUSY_BACKOFF: Duration = Duration::from_millis(300);
 /// Control messages buffered from all sources toward the engine.
 pub const EVENT_QUEUE: usize = 1024;
 
@@ -230,6 +232,8 @@ pub async fn download(
 
 enum Event {
     Seed(Result<Control, String>),
+    /// The seed said "busy" for a piece a while ago; offer it from the seed again.
+    SeedReoffer(u32),
     ParentReady(SourceId, quinn::Connection),
     Parent(SourceId, Control),
     ParentGone(SourceId, String),
@@ -252,6 +256,8 @@ struct Running {
     writer: Option<tokio::task::JoinHandle<Result<Option<Sha256>, StoreError>>>,
     resumed: HashMap<u32, Option<Sha256>>,
     done: Bitmap,
+    /// What the seed offers (digest known), less what it recently refused as busy.
+    seed_offer: Bitmap,
     bytes_done: u64,
 }
 
@@ -447,6 +453,7 @@ impl<'a> Engine<'a> {
                                         r.digests[i] = Some(digest);
                                         r.picker.handle_digest(i32_);
                                         r.picker.handle_source_have(SEED, i32_);
+                                        r.seed_offer.set(i32_);
                                         if r.resumed.remove(&i32_).is_some_and(|d| d == Some(digest)) {
                                             // Stored before a restart, verified against this very digest.
                                             r.picker.handle_done(i32_);
@@ -459,6 +466,13 @@ impl<'a> Engine<'a> {
                                 Control::TaskComplete(c) if c.task == task => complete = Some(c.sha256),
                                 Control::Error(e) if e.task.is_none() || e.task == Some(task) => return Err(remote_error(e)),
                                 other => debug!(?other, "ignored control message"),
+                            }
+                        }
+                        Event::SeedReoffer(i) => {
+                            if let Some(r) = run.as_mut() {
+                                if r.seed_offer.set(i) {
+                                    r.picker.handle_source_have(SEED, i);
+                                }
                             }
                         }
                         Event::ParentReady(src, conn) => {
@@ -520,7 +534,11 @@ impl<'a> Engine<'a> {
         };
         Ok(Running {
             geometry: g,
-            picker: PiecePicker::new(g.piece_count, cfg),
+            picker: {
+                let mut p = PiecePicker::new(g.piece_count, cfg);
+                p.set_source_limit(SEED, SEED_IN_FLIGHT);
+                p
+            },
             digests: vec![None; g.piece_count as usize],
             seed_attempts: vec![0; g.piece_count as usize],
             sink,
@@ -528,6 +546,7 @@ impl<'a> Engine<'a> {
             writer: Some(writer),
             resumed,
             done: Bitmap::new(g.piece_count),
+            seed_offer: Bitmap::new(g.piece_count),
             bytes_done: 0,
         })
     }
@@ -568,9 +587,8 @@ impl<'a> Engine<'a> {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    for l in &limiters {
-                        l.acquire(len as u64).await;
-                    }
+                    let refs: Vec<&RateLimiter> = limiters.iter().collect();
+                    crate::ratelimit::acquire_all(&refs, len as u64).await;
                     (src, i, fetch_piece(&conn, task, i, len, digest).await)
                 });
                 self.handles.insert((src, i), h);
@@ -605,7 +623,7 @@ impl<'a> Engine<'a> {
                 if !r.done.set(i) {
                     return Ok(()); // a duplicate that finished second
                 }
-                r.picker.handle_done(i);
+                r.picker.handle_done_from(src, i);
                 r.bytes_done += n;
                 if let Some(p) = &self.progress {
                     p(r.bytes_done, r.geometry.length);
@@ -630,6 +648,17 @@ impl<'a> Engine<'a> {
                     m.piece_failures(e.reason()).inc();
                 }
                 r.picker.handle_failed(src, i);
+                if src == SEED && matches!(e, PieceError::Refused(PieceStatus::Busy)) {
+                    // Peers hold it: take it from them; the seed is asked again later if not.
+                    r.seed_offer.clear(i);
+                    r.picker.handle_source_bitmap(SEED, &r.seed_offer);
+                    let tx = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(SEED_BUSY_BACKOFF).await;
+                        let _ = tx.send(Event::SeedReoffer(i)).await;
+                    });
+                    return Ok(());
+                }
                 if src == SEED {
                     if let PieceError::Connection(c) = e {
                         return Err(transport::conn_error(self.seed.remote_address(), c).into());

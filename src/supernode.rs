@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -28,6 +28,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::origin::{OriginClient, OriginError};
 use crate::pki::NodeIdentity;
 use crate::sched::parents::{Swarm, SwarmConfig};
+use crate::sched::seed::SeedGate;
 use crate::store::{self, DataFile, StoreError};
 use crate::task::{self, Geometry, MIN_PIECE_SIZE};
 use crate::transport::{self, close, MeshError};
@@ -84,25 +85,38 @@ struct SeedTask {
     progress: watch::Sender<Progress>,
     digests: Mutex<Vec<Sha256>>,
     file: Mutex<Option<Arc<DataFile>>>,
-    /// Who has which pieces, and who should fetch from whom; made once the piece count is known.
-    swarm: Mutex<Option<Swarm>>,
+    /// Who has which pieces, who should fetch from whom, and what the seed already handed
+    /// out; made once the piece count is known.
+    swarm: Mutex<Option<Sched>>,
+}
+
+/// The deciding state of one task on its supernode.
+struct Sched {
+    swarm: Swarm,
+    gate: SeedGate,
 }
 
 impl SeedTask {
     /// Runs `f` on the task's swarm, once its geometry is known.
     fn with_swarm<R>(&self, f: impl FnOnce(&mut Swarm) -> R) -> Option<R> {
+        self.with_sched(|s| f(&mut s.swarm))
+    }
+
+    /// Runs `f` on the task's deciding state, once its geometry is known.
+    fn with_sched<R>(&self, f: impl FnOnce(&mut Sched) -> R) -> Option<R> {
         let count = self.progress.borrow().meta?.piece_count;
         let mut guard = self.swarm.lock().expect("swarm lock");
-        let swarm = guard.get_or_insert_with(|| {
-            Swarm::new(
+        let sched = guard.get_or_insert_with(|| Sched {
+            swarm: Swarm::new(
                 count,
                 SwarmConfig {
                     seed: rand::random(),
                     ..SwarmConfig::default()
                 },
-            )
+            ),
+            gate: SeedGate::new(count),
         });
-        Some(f(swarm))
+        Some(f(sched))
     }
 }
 
@@ -217,6 +231,9 @@ impl Inner {
             return;
         }
         debug!(%remote, "mesh connection");
+        // Set by the first control stream's Hello: whether the peer uploads to others decides
+        // whether the seed may send it to them instead (see SeedGate).
+        let uploader: Arc<OnceLock<bool>> = Arc::default();
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -227,11 +244,12 @@ impl Inner {
             };
             let inner = self.clone();
             let conn2 = conn.clone();
+            let uploader = uploader.clone();
             tokio::spawn(async move {
                 let mut recv = recv;
                 match proto::read_kind(&mut recv).await {
                     Ok(d7q_wire::stream_kind::CONTROL) => {
-                        if let Err(e) = inner.control_stream(send, recv).await {
+                        if let Err(e) = inner.control_stream(send, recv, &uploader).await {
                             debug!(error = %e, "control stream ended");
                             if matches!(e, ControlError::Version) {
                                 conn2.close(close::VERSION, b"protocol version mismatch");
@@ -240,7 +258,10 @@ impl Inner {
                             }
                         }
                     }
-                    Ok(d7q_wire::stream_kind::PIECE) => inner.piece_stream(send, recv).await,
+                    Ok(d7q_wire::stream_kind::PIECE) => {
+                        let gated = uploader.get().copied().unwrap_or(false);
+                        inner.piece_stream(send, recv, gated).await
+                    }
                     Ok(other) => {
                         debug!(kind = other, "unknown stream kind");
                         conn2.close(close::PROTOCOL, b"unknown stream kind");
@@ -255,6 +276,7 @@ impl Inner {
         self: Arc<Self>,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
+        uploader: &OnceLock<bool>,
     ) -> Result<(), ControlError> {
         let hello = match proto::expect_msg::<Control>(&mut recv).await? {
             Control::Hello(h) => h,
@@ -302,6 +324,7 @@ impl Inner {
         });
         let mut watchers = tokio::task::JoinSet::new();
         let mut registered: Vec<Arc<SeedTask>> = Vec::new();
+        let _ = uploader.set(hello.upload_addr.is_some());
         let peer = PeerRef {
             node: hello.node_id,
             addr: hello.upload_addr,
@@ -588,6 +611,7 @@ impl Inner {
         self: Arc<Self>,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
+        gated: bool,
     ) {
         let req = match tokio::time::timeout(
             proto::REQUEST_TIMEOUT,
@@ -604,7 +628,7 @@ impl Inner {
                 return;
             }
         };
-        let (header, body) = self.read_piece(req).await;
+        let (header, body) = self.read_piece(req, gated).await;
         if send.write_all(&header.encode()).await.is_err() {
             return;
         }
@@ -618,7 +642,7 @@ impl Inner {
         let _ = send.stopped().await;
     }
 
-    async fn read_piece(&self, req: PieceRequest) -> (PieceHeader, Option<Bytes>) {
+    async fn read_piece(&self, req: PieceRequest, gated: bool) -> (PieceHeader, Option<Bytes>) {
         let task = self
             .tasks
             .lock()
@@ -638,6 +662,16 @@ impl Inner {
         let Ok(g) = Geometry::checked(meta.length, meta.piece_size, meta.piece_count) else {
             return (PieceHeader::refuse(PieceStatus::Internal), None);
         };
+        if gated {
+            let now = Instant::now();
+            let serve = task.with_sched(|s| {
+                let holders = s.swarm.availability(req.index);
+                s.gate.handle_request(req.index, holders, now)
+            });
+            if serve == Some(false) {
+                return (PieceHeader::refuse(PieceStatus::Busy), None);
+            }
+        }
         let Ok(_permit) = self.uploads.acquire().await else {
             return (PieceHeader::refuse(PieceStatus::Busy), None);
         };

@@ -62,6 +62,15 @@ async fn eight_daemons_share_one_origin_download_and_feed_each_other() {
         from_peers >= total / 2.0,
         "only {from_peers} of {total} bytes came from other daemons ({from_supernode} from the supernode)"
     );
-    // What the daemons received from each other, they uploaded to each other.
-    assert_eq!(uploaded, from_peers);
+    // What the daemons received from each other, they uploaded to each other (uploads also
+    // count endgame duplicates the receiver cancelled in flight).
+    assert!(
+        uploaded >= from_peers,
+        "uploaded {uploaded} < received from peers {from_peers}"
+    );
+    eprintln!(
+        "swarm: {:.1}% of {total} bytes from peers, {:.1}% from the supernode",
+        100.0 * from_peers / total,
+        100.0 * from_supernode / total
+    );
 }

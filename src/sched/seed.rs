@@ -8,8 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-/// Copies of a piece the seed serves before it refuses requests that peers could answer.
-pub const FIRST_COPIES: u32 = 2;
+/// Copies of a piece the seed serves before it refuses requests that peers could answer. One:
+/// measured with eight daemons on loopback, two copies left 58% of the bytes to the peers and
+/// one left about 80%.
+pub const FIRST_COPIES: u32 = 1;
 /// After this long without any peer announcing a piece, the seed serves it again (its first
 /// carriers may have failed or left).
 pub const PATIENCE: Duration = Duration::from_secs(2);
@@ -59,9 +61,10 @@ mod tests {
     fn first_copies_then_busy_while_peers_hold_it() {
         let t0 = Instant::now();
         let mut g = SeedGate::new(4);
-        assert!(g.handle_request(1, 0, t0));
-        assert!(g.handle_request(1, 0, t0));
-        // Nobody announced it yet, but it went out twice moments ago: wait for the carriers.
+        for _ in 0..FIRST_COPIES {
+            assert!(g.handle_request(1, 0, t0));
+        }
+        // Nobody announced it yet, but it went out moments ago: wait for the carriers.
         assert!(!g.handle_request(1, 0, t0 + Duration::from_millis(100)));
         // Peers hold it: busy.
         assert!(!g.handle_request(1, 3, t0 + Duration::from_millis(500)));
@@ -70,7 +73,7 @@ mod tests {
         // Holders exist, but a requester that still asks after the starvation limit is served.
         assert!(!g.handle_request(1, 5, t0 + PATIENCE));
         assert!(g.handle_request(1, 5, t0 + STARVATION));
-        assert_eq!(g.served(1), 4);
+        assert_eq!(g.served(1), FIRST_COPIES + 2);
         // Other pieces are independent; out of range is served (the caller checks ranges).
         assert!(g.handle_request(2, 7, t0));
         assert!(g.handle_request(99, 0, t0));
