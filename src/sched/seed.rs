@@ -29,18 +29,22 @@ pub struct SeedGate {
 impl SeedGate {
     /// A gate for `piece_count` pieces.
     pub fn new(piece_count: u32) -> Self {
-        Self { served: vec![0; piece_count as usize], first: vec![None; piece_count as usize] }
+        Self {
+            served: vec![0; piece_count as usize],
+            first: vec![None; piece_count as usize],
+        }
     }
 
     /// A peer asks the seed for piece `i`, which `holders` uploading peers already announced.
     /// Returns whether to serve it (and counts it if so).
     pub fn handle_request(&mut self, i: u32, holders: u32, now: Instant) -> bool {
-        let Some(served) = self.served.get_mut(i as usize) else { return true };
+        let Some(served) = self.served.get_mut(i as usize) else {
+            return true;
+        };
         let first = self.first[i as usize].get_or_insert(now);
         let age = now.saturating_duration_since(*first);
-        let serve = *served < FIRST_COPIES
-            || (holders == 0 && age >= PATIENCE)
-            || age >= STARVATION;
+        let serve =
+            *served < FIRST_COPIES || (holders == 0 && age >= PATIENCE) || age >= STARVATION;
         if serve {
             *served += 1;
         }
