@@ -195,7 +195,9 @@ pub fn rendezvous(task: TaskId, supernodes: &[SocketAddr]) -> Vec<SocketAddr> {
     scored.into_iter().map(|s| s.1).collect()
 }
 
-/// Downloads the content of `reg` through the mesh.
+/// Downloads the content of `reg` through the mesh: from the task's home supernode by
+/// rendezvous hashing, and when that one is down or dies mid-task, from the next one — keeping
+/// every piece already verified.
 pub async fn download(
     pool: &ConnPool,
     supernodes: &[SocketAddr],
@@ -204,34 +206,16 @@ pub async fn download(
     make_sink: SinkFactory,
     progress: Option<ProgressFn>,
 ) -> Result<Outcome, GetError> {
-    let mut last = None;
-    for addr in rendezvous(reg.task, supernodes) {
-        match pool.get(addr).await {
-            Ok(conn) => {
-                return Engine::new(pool, conn, reg, cfg, progress)
-                    .run(make_sink)
-                    .await;
-            }
-            Err(e) => {
-                debug!(%addr, error = %e, "supernode not usable");
-                let fatal = matches!(
-                    e,
-                    MeshError::CertificateRefused { .. } | MeshError::VersionMismatch { .. }
-                );
-                last = Some(e);
-                if fatal {
-                    break;
-                }
-            }
-        }
-    }
-    Err(last
-        .map(GetError::from)
-        .unwrap_or_else(|| GetError::Mesh("no supernode configured".into())))
+    let mut engine = Engine::new(pool, reg, cfg, progress, make_sink);
+    let result = engine.run(supernodes).await;
+    engine.shutdown().await;
+    result
 }
 
 enum Event {
-    Seed(Result<Control, String>),
+    /// A control message from the seed of generation `.0` (messages of a seed we left are
+    /// dropped).
+    Seed(u32, Result<Control, String>),
     /// The seed said "busy" for a piece a while ago; offer it from the seed again.
     SeedReoffer(u32),
     ParentReady(SourceId, quinn::Connection),
@@ -239,11 +223,32 @@ enum Event {
     ParentGone(SourceId, String),
 }
 
+/// Why the engine stopped talking to a seed.
+enum Stop {
+    /// The supernode is gone (unreachable, connection lost): try the next one.
+    Lost(GetError),
+    /// The download cannot succeed (the origin said no, the content is wrong, ...).
+    Fatal(GetError),
+}
+
+impl From<GetError> for Stop {
+    fn from(e: GetError) -> Self {
+        Stop::Fatal(e)
+    }
+}
+
 struct Parent {
     info: PeerInfo,
     conn: Option<quinn::Connection>,
     failures: u32,
     task: AbortHandle,
+}
+
+/// The connection to the current seed and its control stream.
+struct SeedLink {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    reader: AbortHandle,
 }
 
 struct Running {
@@ -265,12 +270,17 @@ type PieceResult = (SourceId, u32, Result<Bytes, PieceError>);
 
 struct Engine<'a> {
     pool: &'a ConnPool,
-    seed: quinn::Connection,
     reg: Register,
     cfg: EngineConfig,
     progress: Option<ProgressFn>,
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
+    seed: Option<SeedLink>,
+    seed_gen: u32,
+    seed_addr: Option<SocketAddr>,
+    make_sink: Option<SinkFactory>,
+    run: Option<Running>,
+    complete: Option<Sha256>,
     parents: HashMap<SourceId, Parent>,
     by_node: HashMap<NodeId, SourceId>,
     banned: Vec<NodeId>,
@@ -284,20 +294,25 @@ struct Engine<'a> {
 impl<'a> Engine<'a> {
     fn new(
         pool: &'a ConnPool,
-        seed: quinn::Connection,
         reg: Register,
         cfg: EngineConfig,
         progress: Option<ProgressFn>,
+        make_sink: SinkFactory,
     ) -> Self {
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         Self {
             pool,
-            seed,
             reg,
             cfg,
             progress,
             events_tx,
             events,
+            seed: None,
+            seed_gen: 0,
+            seed_addr: None,
+            make_sink: Some(make_sink),
+            run: None,
+            complete: None,
             parents: HashMap::new(),
             by_node: HashMap::new(),
             banned: Vec::new(),
@@ -309,37 +324,81 @@ impl<'a> Engine<'a> {
         }
     }
 
-    async fn run(mut self, make_sink: SinkFactory) -> Result<Outcome, GetError> {
-        let remote = self.seed.remote_address();
-        // Listening on every address: others reach us at the address we reach the seed from.
-        if let Some(addr) = self.cfg.upload_addr.as_mut() {
-            if addr.ip().is_unspecified() {
-                if let Some(ip) = self.seed.local_ip() {
-                    addr.set_ip(ip);
+    async fn run(&mut self, supernodes: &[SocketAddr]) -> Result<Outcome, GetError> {
+        let mut last: Option<GetError> = None;
+        for addr in rendezvous(self.reg.task, supernodes) {
+            let attached = self.attach(addr).await;
+            let result = match attached {
+                Ok(()) => self.drive().await,
+                Err(stop) => Err(stop),
+            };
+            match result {
+                Ok(outcome) => return Ok(outcome),
+                Err(Stop::Fatal(e)) => return Err(e),
+                Err(Stop::Lost(e)) => {
+                    if self.seed.is_some() {
+                        warn!(%addr, error = %e, "supernode lost mid-task; moving to the next");
+                    } else {
+                        debug!(%addr, error = %e, "supernode not usable");
+                    }
+                    self.detach(addr);
+                    last = Some(e);
                 }
             }
         }
-        let (mut send, mut recv) = proto::open_control(&self.seed)
-            .await
-            .map_err(|e| self.proto_error(e))?;
+        Err(last.unwrap_or_else(|| GetError::Mesh("no supernode configured".into())))
+    }
+
+    /// Connects to a seed, says hello and registers the task.
+    async fn attach(&mut self, addr: SocketAddr) -> Result<(), Stop> {
+        let conn = self.pool.get(addr).await.map_err(|e| match e {
+            MeshError::CertificateRefused { .. } | MeshError::VersionMismatch { .. } => {
+                Stop::Fatal(e.into())
+            }
+            e => Stop::Lost(e.into()),
+        })?;
+        let lost = |e: proto::ProtoError| -> Stop {
+            let err = match (e, conn.close_reason()) {
+                (_, Some(reason)) => transport::conn_error(addr, reason),
+                (proto::ProtoError::Connection(c), None) => transport::conn_error(addr, c),
+                (e, None) => MeshError::Protocol {
+                    addr,
+                    reason: e.to_string(),
+                },
+            };
+            match err {
+                MeshError::CertificateRefused { .. } | MeshError::VersionMismatch { .. } => {
+                    Stop::Fatal(err.into())
+                }
+                e => Stop::Lost(e.into()),
+            }
+        };
+        // Listening on every address: others reach us at the address we reach the seed from.
+        let mut upload_addr = self.cfg.upload_addr;
+        if let Some(a) = upload_addr.as_mut() {
+            if a.ip().is_unspecified() {
+                if let Some(ip) = conn.local_ip() {
+                    a.set_ip(ip);
+                }
+            }
+        }
+        let (mut send, mut recv) = proto::open_control(&conn).await.map_err(lost)?;
         let hello = Control::Hello(Hello {
             major: d7q_wire::MAJOR_VERSION,
             minor: d7q_wire::MINOR_VERSION,
             node_id: self.cfg.node_id,
             labels: self.cfg.labels.clone(),
-            upload_addr: self.cfg.upload_addr,
-            capabilities: Capabilities(if self.cfg.upload_addr.is_some() {
+            upload_addr,
+            capabilities: Capabilities(if upload_addr.is_some() {
                 Capabilities::UPLOAD
             } else {
                 0
             }),
         });
-        proto::write_msg(&mut send, &hello)
-            .await
-            .map_err(|e| self.proto_error(e))?;
+        proto::write_msg(&mut send, &hello).await.map_err(lost)?;
         match proto::expect_msg::<Control>(&mut recv)
             .await
-            .map_err(|e| self.proto_error(e))?
+            .map_err(lost)?
         {
             Control::HelloAck(ack) if ack.major == d7q_wire::MAJOR_VERSION => {}
             Control::HelloAck(_)
@@ -347,21 +406,25 @@ impl<'a> Engine<'a> {
                 code: ErrorCode::VersionMismatch,
                 ..
             }) => {
-                return Err(MeshError::VersionMismatch {
-                    addr: remote,
-                    ours: String::from_utf8_lossy(d7q_wire::ALPN).into(),
-                }
-                .into())
+                return Err(Stop::Fatal(
+                    MeshError::VersionMismatch {
+                        addr,
+                        ours: String::from_utf8_lossy(d7q_wire::ALPN).into(),
+                    }
+                    .into(),
+                ))
             }
             other => {
-                return Err(GetError::Mesh(format!(
-                    "{remote}: expected HelloAck, got {other:?}"
-                )))
+                return Err(Stop::Lost(GetError::Mesh(format!(
+                    "{addr}: expected HelloAck, got {other:?}"
+                ))))
             }
         }
         proto::write_msg(&mut send, &Control::Register(self.reg.clone()))
             .await
-            .map_err(|e| self.proto_error(e))?;
+            .map_err(lost)?;
+        self.seed_gen += 1;
+        let gen = self.seed_gen;
         let tx = self.events_tx.clone();
         let reader = tokio::spawn(async move {
             loop {
@@ -371,106 +434,114 @@ impl<'a> Engine<'a> {
                     Err(e) => Err(e.to_string()),
                 };
                 let stop = msg.is_err();
-                if tx.send(Event::Seed(msg)).await.is_err() || stop {
+                if tx.send(Event::Seed(gen, msg)).await.is_err() || stop {
                     return;
                 }
             }
+        })
+        .abort_handle();
+        self.seed = Some(SeedLink { conn, send, reader });
+        self.seed_addr = Some(addr);
+        Ok(())
+    }
+
+    /// Forgets the current seed: its requests are void and its offer gone; what was verified
+    /// stays.
+    fn detach(&mut self, addr: SocketAddr) {
+        if let Some(link) = self.seed.take() {
+            link.reader.abort();
+        }
+        self.pool.drop_conn(addr);
+        self.handles.retain(|(s, _), h| {
+            if *s == SEED {
+                h.abort();
+                false
+            } else {
+                true
+            }
         });
-        let result = self.drive(&mut send, make_sink).await;
-        reader.abort();
+        if let Some(r) = self.run.as_mut() {
+            r.picker.handle_source_gone(SEED);
+            r.seed_offer = Bitmap::new(r.geometry.piece_count);
+            r.picker.handle_source_bitmap(SEED, &r.seed_offer);
+            r.seed_attempts.iter_mut().for_each(|a| *a = 0);
+        }
+    }
+
+    /// Says goodbye and stops everything still running.
+    async fn shutdown(&mut self) {
         for p in self.parents.values() {
             p.task.abort();
         }
         self.inflight.abort_all();
-        let _ = proto::write_msg(
-            &mut send,
-            &Control::Goodbye(d7q_wire::Goodbye {
+        if let Some(mut link) = self.seed.take() {
+            link.reader.abort();
+            let bye = Control::Goodbye(d7q_wire::Goodbye {
                 reason: "done".into(),
-            }),
-        )
-        .await;
-        let _ = send.finish();
-        result.map_err(|e| match (&e, self.seed.close_reason()) {
-            (GetError::Mesh(_), Some(reason)) => transport::conn_error(remote, reason).into(),
-            _ => e,
-        })
-    }
-
-    fn proto_error(&self, e: proto::ProtoError) -> GetError {
-        let remote = self.seed.remote_address();
-        match (e, self.seed.close_reason()) {
-            (_, Some(reason)) => transport::conn_error(remote, reason).into(),
-            (proto::ProtoError::Connection(c), None) => transport::conn_error(remote, c).into(),
-            (e, None) => GetError::Mesh(format!("{remote}: {e}")),
+            });
+            let _ = proto::write_msg(&mut link.send, &bye).await;
+            let _ = link.send.finish();
         }
     }
 
-    async fn drive(
-        &mut self,
-        send: &mut quinn::SendStream,
-        make_sink: SinkFactory,
-    ) -> Result<Outcome, GetError> {
+    async fn send_seed(&mut self, msg: &Control) {
+        if let Some(link) = self.seed.as_mut() {
+            let _ = proto::write_msg(&mut link.send, msg).await;
+        }
+    }
+
+    async fn drive(&mut self) -> Result<Outcome, Stop> {
         let task = self.reg.task;
-        let mut make_sink = Some(make_sink);
-        let mut run: Option<Running> = None;
-        let mut complete: Option<Sha256> = None;
         let registered = tokio::time::Instant::now();
+        let mut meta_seen = false;
         loop {
-            if let Some(r) = run.as_mut() {
-                self.dispatch(r);
-                if r.picker.is_complete() {
-                    if let Some(sha) = complete {
-                        let r = run.take().expect("running");
-                        return self.finish(r, sha).await;
-                    }
+            if let Some(mut r) = self.run.take() {
+                self.dispatch(&mut r);
+                let finished = r.picker.is_complete() && self.complete.is_some();
+                if finished {
+                    let sha = self.complete.expect("checked");
+                    return Ok(self.finish(r, sha).await?);
                 }
+                self.run = Some(r);
             }
             tokio::select! {
                 ev = self.events.recv() => {
-                    let Some(ev) = ev else { return Err(GetError::Mesh("engine events closed".into())) };
+                    let Some(ev) = ev else { return Err(GetError::Mesh("engine events closed".into()).into()) };
                     match ev {
-                        Event::Seed(msg) => {
-                            let msg = msg.map_err(GetError::Mesh)?;
+                        Event::Seed(gen, _) if gen != self.seed_gen => {}
+                        Event::Seed(_, msg) => {
+                            let msg = msg.map_err(|e| Stop::Lost(GetError::Mesh(e)))?;
                             match msg {
                                 Control::TaskMeta(m) if m.task == task => {
-                                    if run.is_some() {
-                                        continue;
-                                    }
+                                    meta_seen = true;
                                     let g = Geometry::checked(m.length, m.piece_size, m.piece_count)
                                         .map_err(|e| GetError::Mesh(format!("supernode sent {e}")))?;
-                                    let factory = make_sink.take().expect("sink made once");
-                                    run = Some(self.start(g, factory)?);
-                                }
-                                Control::PieceDigests(pd) if pd.task == task => {
-                                    let r = run.as_mut().ok_or_else(|| GetError::Mesh("piece digests before task metadata".into()))?;
-                                    r.sink.record_digests(pd.first, &pd.digests);
-                                    for (k, digest) in pd.digests.into_iter().enumerate() {
-                                        let i = pd.first as usize + k;
-                                        if i >= r.digests.len() {
-                                            return Err(GetError::Mesh("supernode sent digests past the last piece".into()));
+                                    match &self.run {
+                                        Some(r) if r.geometry != g => {
+                                            return Err(GetError::Integrity("the content changed at the origin during the download".into()).into());
                                         }
-                                        let i32_ = i as u32;
-                                        r.digests[i] = Some(digest);
-                                        r.picker.handle_digest(i32_);
-                                        r.picker.handle_source_have(SEED, i32_);
-                                        r.seed_offer.set(i32_);
-                                        if r.resumed.remove(&i32_).is_some_and(|d| d == Some(digest)) {
-                                            // Stored before a restart, verified against this very digest.
-                                            r.picker.handle_done(i32_);
-                                            r.done.set(i32_);
-                                            r.bytes_done += r.geometry.piece_len(i32_) as u64;
+                                        Some(_) => {}
+                                        None => {
+                                            let factory = self.make_sink.take().expect("sink made once");
+                                            self.run = Some(self.start(g, factory)?);
                                         }
                                     }
                                 }
+                                Control::PieceDigests(pd) if pd.task == task => self.handle_digests(pd)?,
                                 Control::Parents(p) if p.task == task => self.handle_parents(p.parents),
-                                Control::TaskComplete(c) if c.task == task => complete = Some(c.sha256),
-                                Control::Error(e) if e.task.is_none() || e.task == Some(task) => return Err(remote_error(e)),
+                                Control::TaskComplete(c) if c.task == task => {
+                                    if self.complete.is_some_and(|old| old != c.sha256) {
+                                        return Err(GetError::Integrity("the content changed at the origin during the download".into()).into());
+                                    }
+                                    self.complete = Some(c.sha256);
+                                }
+                                Control::Error(e) if e.task.is_none() || e.task == Some(task) => return Err(remote_error(e).into()),
                                 other => debug!(?other, "ignored control message"),
                             }
                         }
                         Event::SeedReoffer(i) => {
-                            if let Some(r) = run.as_mut() {
-                                if r.seed_offer.set(i) {
+                            if let Some(r) = self.run.as_mut() {
+                                if self.seed.is_some() && r.digests[i as usize].is_some() && r.seed_offer.set(i) {
                                     r.picker.handle_source_have(SEED, i);
                                 }
                             }
@@ -481,7 +552,7 @@ impl<'a> Engine<'a> {
                             }
                         }
                         Event::Parent(src, msg) => {
-                            let Some(r) = run.as_mut() else { continue };
+                            let Some(r) = self.run.as_mut() else { continue };
                             match msg {
                                 Control::Bitmap(b) if b.task == task && b.bitmap.len() == r.geometry.piece_count => {
                                     r.picker.handle_source_bitmap(src, &b.bitmap);
@@ -498,21 +569,57 @@ impl<'a> Engine<'a> {
                         }
                         Event::ParentGone(src, why) => {
                             debug!(source = src.0, why, "parent gone");
-                            self.drop_parent(src, run.as_mut());
+                            self.drop_parent(src);
                         }
                     }
                 }
                 Some(joined) = self.inflight.join_next(), if !self.inflight.is_empty() => {
-                    let Ok((src, i, result)) = joined else { continue }; // aborted duplicate
-                    self.handles.remove(&(src, i));
-                    let r = run.as_mut().expect("pieces only fetched once started");
-                    self.piece_result(send, r, src, i, result).await?;
+                    let Ok((src, i, result)) = joined else { continue }; // aborted
+                    if self.handles.remove(&(src, i)).is_none() {
+                        continue; // a request of a source we dropped
+                    }
+                    self.piece_result(src, i, result).await?;
                 }
-                _ = tokio::time::sleep_until(registered + REGISTER_TIMEOUT), if run.is_none() => {
-                    return Err(GetError::Mesh("supernode did not answer the registration in time".into()));
+                _ = tokio::time::sleep_until(registered + REGISTER_TIMEOUT), if !meta_seen => {
+                    return Err(Stop::Lost(GetError::Mesh("supernode did not answer the registration in time".into())));
                 }
             }
         }
+    }
+
+    fn handle_digests(&mut self, pd: d7q_wire::PieceDigests) -> Result<(), Stop> {
+        let r = self
+            .run
+            .as_mut()
+            .ok_or_else(|| GetError::Mesh("piece digests before task metadata".into()))?;
+        r.sink.record_digests(pd.first, &pd.digests);
+        for (k, digest) in pd.digests.into_iter().enumerate() {
+            let i = pd.first as usize + k;
+            if i >= r.digests.len() {
+                return Err(
+                    GetError::Mesh("supernode sent digests past the last piece".into()).into(),
+                );
+            }
+            let idx = i as u32;
+            if r.digests[i].is_some_and(|d| d != digest) {
+                // Another seed (after a failover) read different content from the origin.
+                return Err(GetError::Integrity(
+                    "the content changed at the origin during the download".into(),
+                )
+                .into());
+            }
+            r.digests[i] = Some(digest);
+            r.picker.handle_digest(idx);
+            r.picker.handle_source_have(SEED, idx);
+            r.seed_offer.set(idx);
+            if r.resumed.remove(&idx).is_some_and(|d| d == Some(digest)) {
+                // Stored before a restart, verified against this very digest.
+                r.picker.handle_done(idx);
+                r.done.set(idx);
+                r.bytes_done += r.geometry.piece_len(idx) as u64;
+            }
+        }
+        Ok(())
     }
 
     fn start(&mut self, g: Geometry, factory: SinkFactory) -> Result<Running, GetError> {
@@ -530,6 +637,7 @@ impl<'a> Engine<'a> {
         );
         let cfg = PickerConfig {
             seed: rand::random(),
+            max_in_flight_per_source: PEER_IN_FLIGHT,
             ..PickerConfig::default()
         };
         Ok(Running {
@@ -564,7 +672,9 @@ impl<'a> Engine<'a> {
             .filter_map(|(s, p)| p.conn.clone().map(|c| (*s, c, PEER_IN_FLIGHT)))
             .collect();
         // The seed last: peers first take what they can.
-        sources.push((SEED, self.seed.clone(), SEED_IN_FLIGHT));
+        if let Some(link) = &self.seed {
+            sources.push((SEED, link.conn.clone(), SEED_IN_FLIGHT));
+        }
         for (src, conn, limit) in sources {
             while r.picker.in_flight(src) < limit {
                 let Some(i) = r.picker.poll_request(src) else {
@@ -598,12 +708,25 @@ impl<'a> Engine<'a> {
 
     async fn piece_result(
         &mut self,
-        send: &mut quinn::SendStream,
+        src: SourceId,
+        i: u32,
+        result: Result<Bytes, PieceError>,
+    ) -> Result<(), Stop> {
+        let Some(mut r) = self.run.take() else {
+            return Ok(());
+        };
+        let result = self.piece_result_in(&mut r, src, i, result).await;
+        self.run = Some(r);
+        result
+    }
+
+    async fn piece_result_in(
+        &mut self,
         r: &mut Running,
         src: SourceId,
         i: u32,
         result: Result<Bytes, PieceError>,
-    ) -> Result<(), GetError> {
+    ) -> Result<(), Stop> {
         match result {
             Ok(bytes) => {
                 let n = bytes.len() as u64;
@@ -640,7 +763,7 @@ impl<'a> Engine<'a> {
                     task: self.reg.task,
                     pieces: vec![i],
                 });
-                let _ = proto::write_msg(send, &have).await;
+                self.send_seed(&have).await;
             }
             Err(e) => {
                 debug!(source = src.0, piece = i, error = %e, "piece failed");
@@ -661,15 +784,17 @@ impl<'a> Engine<'a> {
                 }
                 if src == SEED {
                     if let PieceError::Connection(c) = e {
-                        return Err(transport::conn_error(self.seed.remote_address(), c).into());
+                        let addr = self.seed_addr.expect("a seed was attached");
+                        return Err(Stop::Lost(transport::conn_error(addr, c).into()));
                     }
                     r.seed_attempts[i as usize] += 1;
                     if r.seed_attempts[i as usize] >= SEED_ATTEMPTS {
                         return Err(match e {
                             PieceError::Corrupt => GetError::Integrity(format!(
                                 "piece {i} from the supernode failed verification {SEED_ATTEMPTS} times"
-                            )),
-                            e => GetError::Mesh(format!("piece {i}: {e}")),
+                            ))
+                            .into(),
+                            e => Stop::Lost(GetError::Mesh(format!("piece {i}: {e}"))),
                         });
                     }
                     return Ok(());
@@ -697,10 +822,11 @@ impl<'a> Engine<'a> {
                             peer: node,
                             reason,
                         });
-                        let _ = proto::write_msg(send, &report).await;
+                        self.send_seed(&report).await;
                     }
                     self.banned.push(node);
-                    self.drop_parent(src, Some(r));
+                    r.picker.handle_source_gone(src);
+                    self.drop_parent(src);
                 }
             }
         }
@@ -740,7 +866,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn drop_parent(&mut self, src: SourceId, r: Option<&mut Running>) {
+    fn drop_parent(&mut self, src: SourceId) {
         if let Some(p) = self.parents.remove(&src) {
             p.task.abort();
             if let Some(c) = p.conn {
@@ -748,7 +874,7 @@ impl<'a> Engine<'a> {
             }
             // Keep the node id mapped so a later Parents list does not bring it back at once.
         }
-        if let Some(r) = r {
+        if let Some(r) = self.run.as_mut() {
             r.picker.handle_source_gone(src);
         }
         self.handles.retain(|(s, _), h| {
@@ -786,7 +912,7 @@ impl<'a> Engine<'a> {
             from_seed: self.from_seed,
             from_peers: self.from_peers,
             sink: r.sink,
-            supernode: self.seed.remote_address(),
+            supernode: self.seed_addr.expect("a seed was attached"),
         })
     }
 }

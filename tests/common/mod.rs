@@ -429,6 +429,11 @@ impl std::fmt::Display for Output {
 }
 
 impl Supernode {
+    /// Kills the supernode (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// `--supernode ADDR`.
     pub fn addr(&self) -> String {
         self.mesh.to_string()
@@ -489,6 +494,78 @@ impl Daemon {
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// Its process id (`None` once it has been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`libc::SIGSTOP`, `SIGCONT`, `SIGTERM`, `SIGKILL`…) to the daemon without
+    /// waiting for it; a no-op once the process has been reaped.
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child,
+            // not yet reaped, so it cannot have been reused.
+            unsafe {
+                libc::kill(pid as libc::pid_t, signal);
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for the process to exit (after a signal); its exit status.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("waiting for daemon {}: {e}", self.mesh),
+            Err(_) => panic!("daemon {} did not exit within {timeout:?}", self.mesh),
+        }
+    }
+
+    /// One metric by its full `name{labels}` key; 0 when the daemon does not export it.
+    pub async fn metric(&self, key: &str) -> f64 {
+        self.metrics().await.get(key).copied().unwrap_or(0.0)
+    }
+
+    /// Verified bytes it received from every source (`d7q_download_bytes_total`, summed).
+    pub async fn downloaded(&self) -> f64 {
+        downloaded(&self.metrics().await)
+    }
+}
+
+/// `d7q_download_bytes_total` summed over its sources, from parsed metrics.
+pub fn downloaded(metrics: &std::collections::BTreeMap<String, f64>) -> f64 {
+    metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with("d7q_download_bytes_total{"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// `d7q_piece_failures_total{reason="digest_mismatch"}`.
+pub const DIGEST_MISMATCHES: &str = "d7q_piece_failures_total{reason=\"digest_mismatch\"}";
+/// `d7q_upload_bytes_total`.
+pub const UPLOAD_BYTES: &str = "d7q_upload_bytes_total";
+/// `d7q_tasks{state="running"}`.
+pub const TASKS_RUNNING: &str = "d7q_tasks{state=\"running\"}";
+
+/// Polls `probe` every `every` until it yields a value, for at most `limit`; `None` if it never
+/// did. For waiting on a process's state (a metric crossing a threshold) without sleeping for
+/// a guessed time.
+pub async fn poll_until<T, F, Fut>(limit: Duration, every: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Some(v) = probe().await {
+                return v;
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+    .await
+    .ok()
 }
 
 impl Drop for Daemon {
