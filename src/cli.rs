@@ -36,7 +36,7 @@ enum Cmd {
     /// Run a supernode: scheduler and seed/CDN.
     Supernode(SupernodeArgs),
     /// Run the per-host daemon: downloads for local clients, content store, uploads.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Download one file through the mesh.
     Get(GetArgs),
     /// Show a node's tasks.
@@ -75,21 +75,33 @@ enum CaCmd {
 
 #[derive(Args, Debug)]
 struct SupernodeArgs {
-    /// UDP address for QUIC (mesh `d7q/1` and admin `h3`).
-    #[arg(long, default_value = "0.0.0.0:8002")]
-    listen: SocketAddr,
+    /// UDP address for QUIC (mesh `d7q/1` and admin `h3`) [default: 0.0.0.0:8002].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Content store directory.
     #[arg(long)]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
     /// Node identity directory (from `d7q ca issue`).
     #[arg(long)]
-    pki: PathBuf,
+    pki: Option<PathBuf>,
     /// Extra CA certificate (PEM) trusted for origins; repeatable.
     #[arg(long = "origin-ca")]
     origin_ca: Vec<PathBuf>,
     /// Datacenter label.
-    #[arg(long, default_value = "")]
-    dc: String,
+    #[arg(long)]
+    dc: Option<String>,
+    /// Zone label.
+    #[arg(long)]
+    zone: Option<String>,
+    /// TCP address of /metrics [default: 0.0.0.0:8001].
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Budget for fetching from origins, all tasks together, e.g. 200MiB (0: unlimited).
+    #[arg(long)]
+    back_to_source_rate: Option<String>,
+    /// Configuration file (TOML); flags win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +148,15 @@ struct DaemonArgs {
     /// Budget of each single download (0: unlimited).
     #[arg(long)]
     per_download_rate: Option<String>,
+    /// Store garbage collection starts above this disk use, e.g. 90% or 500GiB.
+    #[arg(long)]
+    gc_high_watermark: Option<String>,
+    /// Store garbage collection stops at or below this.
+    #[arg(long)]
+    gc_low_watermark: Option<String>,
+    /// Content unused for this long is collected, e.g. 7d.
+    #[arg(long)]
+    gc_ttl: Option<String>,
     /// Test only: serve corrupt pieces, to exercise bad-peer isolation.
     #[arg(long, hide = true)]
     danger_corrupt_uploads: bool,
@@ -287,25 +308,31 @@ fn ca(cmd: CaCmd) -> i32 {
 }
 
 async fn supernode(a: SupernodeArgs) -> i32 {
-    let identity = match NodeIdentity::load(&a.pki) {
-        Ok(i) => i,
-        Err(e) => return fail(exit::USAGE, &format!("node identity: {e}")),
+    let (cfg, metrics_addr) = match supernode_config(a) {
+        Ok(c) => c,
+        Err(e) => return fail(exit::USAGE, &e),
     };
-    let cfg = SupernodeConfig {
-        listen: a.listen,
-        data_dir: a.data_dir,
-        identity,
-        origin_cas: a.origin_ca,
-        labels: d7q_wire::Labels {
-            dc: a.dc,
-            ..Default::default()
-        },
+    let metrics = cfg.metrics.clone();
+    let listener = match tokio::net::TcpListener::bind(metrics_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                exit::FAILURE,
+                &format!("metrics address {metrics_addr}: {e}"),
+            )
+        }
     };
+    let metrics_addr = listener.local_addr().unwrap_or(metrics_addr);
     let sn = match Supernode::start(cfg).await {
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURE, &format!("{e:#}")),
     };
-    println!("ready mesh={}", sn.local_addr());
+    tokio::spawn(crate::metrics::serve(
+        listener,
+        metrics,
+        std::future::pending::<()>(),
+    ));
+    println!("ready mesh={} metrics={metrics_addr}", sn.local_addr());
     let _ = std::io::stdout().flush();
     let run = tokio::spawn(sn.run());
     shutdown_signal().await;
@@ -313,8 +340,62 @@ async fn supernode(a: SupernodeArgs) -> i32 {
     exit::OK
 }
 
-async fn daemon(a: DaemonArgs) -> i32 {
-    let cfg = match daemon_config(a) {
+/// Flags over the config file over defaults; every refusal names the flag or key.
+fn supernode_config(a: SupernodeArgs) -> Result<(SupernodeConfig, SocketAddr), String> {
+    let file = match &a.config {
+        Some(path) => config::ConfigFile::load(path)
+            .map_err(|e| e.to_string())?
+            .supernode(),
+        None => Default::default(),
+    };
+    let pki =
+        config::require(a.pki, file.pki, "--pki", "supernode.pki").map_err(|e| e.to_string())?;
+    let data_dir = config::require(
+        a.data_dir,
+        file.data_dir,
+        "--data-dir",
+        "supernode.data_dir",
+    )
+    .map_err(|e| e.to_string())?;
+    let identity = NodeIdentity::load(&pki).map_err(|e| format!("node identity: {e}"))?;
+    let origin_rate = match &a.back_to_source_rate {
+        Some(s) => config::parse_rate(s).map_err(|e| format!("--back-to-source-rate: {e}"))?,
+        None => file.back_to_source_rate.unwrap_or(0),
+    };
+    let listen = config::pick(
+        a.listen,
+        file.listen,
+        parse_default(config::defaults::SUPERNODE_LISTEN),
+    );
+    let metrics = config::pick(
+        a.metrics,
+        file.metrics,
+        parse_default(config::defaults::SUPERNODE_METRICS),
+    );
+    let cfg = SupernodeConfig {
+        listen,
+        data_dir,
+        identity,
+        origin_cas: config::pick_list(a.origin_ca, file.origin_ca),
+        labels: d7q_wire::Labels {
+            dc: config::pick(a.dc, file.dc, String::new()),
+            zone: config::pick(a.zone, file.zone, String::new()),
+            host: file.host.unwrap_or_else(config::default_host),
+        },
+        origin_rate,
+        metrics: std::sync::Arc::new(crate::metrics::Metrics::new(
+            crate::metrics::Role::Supernode,
+        )),
+    };
+    Ok((cfg, metrics))
+}
+
+fn parse_default(addr: &str) -> SocketAddr {
+    addr.parse().expect("built-in default address")
+}
+
+async fn daemon(a: Box<DaemonArgs>) -> i32 {
+    let cfg = match daemon_config(*a) {
         Ok(c) => c,
         Err(e) => return fail(exit::USAGE, &e),
     };
@@ -398,6 +479,36 @@ fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
             file.per_download_rate,
         )?,
         danger_corrupt_uploads: a.danger_corrupt_uploads,
+        gc: {
+            let storage = file.storage.clone().unwrap_or_default();
+            let wm = |flag: &Option<String>,
+                      name: &str,
+                      from_file: Option<config::Watermark>,
+                      default| {
+                match flag {
+                    Some(s) => config::parse_watermark(s).map_err(|e| format!("--{name}: {e}")),
+                    None => Ok(from_file.unwrap_or(default)),
+                }
+            };
+            crate::daemon::GcSettings {
+                high_watermark: wm(
+                    &a.gc_high_watermark,
+                    "gc-high-watermark",
+                    storage.high_watermark,
+                    config::defaults::HIGH_WATERMARK,
+                )?,
+                low_watermark: wm(
+                    &a.gc_low_watermark,
+                    "gc-low-watermark",
+                    storage.low_watermark,
+                    config::defaults::LOW_WATERMARK,
+                )?,
+                ttl: match &a.gc_ttl {
+                    Some(s) => config::parse_duration(s).map_err(|e| format!("--gc-ttl: {e}"))?,
+                    None => storage.ttl.unwrap_or(config::defaults::TTL),
+                },
+            }
+        },
     })
 }
 
@@ -453,10 +564,13 @@ async fn get(a: GetArgs) -> i32 {
     let progress: Option<ProgressFn> = bar
         .clone()
         .map(|b| Arc::new(move |done, total| b.update(done, total)) as ProgressFn);
-    let socket = a.daemon.clone().unwrap_or_else(config::default_socket_path);
-    let use_daemon = !a.no_daemon
-        && a.supernode.is_empty()
-        && (a.daemon.is_some() || local::daemon_running(&socket));
+    let socket = a.daemon.clone().or_else(|| {
+        config::socket_candidates()
+            .into_iter()
+            .find(|p| local::daemon_running(p))
+    });
+    let use_daemon = !a.no_daemon && a.supernode.is_empty() && socket.is_some();
+    let socket = socket.unwrap_or_default();
     let work = async {
         if use_daemon {
             local::get(&socket, &req, progress).await

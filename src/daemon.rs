@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use d7q_wire::{Bitmap, Labels, NodeId, Register, Sha256, TaskId};
 use tokio::sync::{broadcast, watch};
@@ -18,11 +18,12 @@ use crate::metrics::{Metrics, Role, TaskState};
 use crate::peer::GetError;
 use crate::pki::NodeIdentity;
 use crate::ratelimit::RateLimiter;
-use crate::store::tasks::{TaskEntry, TaskStore};
+use crate::store::gc::{DiskUsage, GcConfig, Watermark as GcWatermark};
+use crate::store::tasks::{PinGuard, TaskEntry, TaskStore};
 use crate::store::StoreError;
 use crate::task::{self, Geometry};
 use crate::upload::{self, PieceStore, UploadConfig};
-use crate::{admin, exit, local, transport};
+use crate::{admin, config, exit, local, transport};
 
 /// Capacity of a task's `Have` feed toward subscribed children; a child that falls further
 /// behind gets the whole bitmap again.
@@ -55,7 +56,33 @@ pub struct DaemonConfig {
     pub per_download_rate: u64,
     /// Test-only: serve corrupt pieces.
     pub danger_corrupt_uploads: bool,
+    /// Garbage collection of the store.
+    pub gc: GcSettings,
 }
+
+/// When the daemon's store is collected.
+#[derive(Clone, Debug)]
+pub struct GcSettings {
+    /// Collection starts above this.
+    pub high_watermark: config::Watermark,
+    /// Collection stops at or below this.
+    pub low_watermark: config::Watermark,
+    /// Content unused for this long goes.
+    pub ttl: Duration,
+}
+
+impl Default for GcSettings {
+    fn default() -> Self {
+        Self {
+            high_watermark: config::defaults::HIGH_WATERMARK,
+            low_watermark: config::defaults::LOW_WATERMARK,
+            ttl: config::defaults::TTL,
+        }
+    }
+}
+
+/// How often the store is checked against the watermarks and the TTL.
+pub const GC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A running daemon.
 pub struct Daemon {
@@ -175,6 +202,7 @@ impl Daemon {
             std::future::pending::<()>(),
         ));
         tokio::spawn(accept(endpoint, inner.clone()));
+        tokio::spawn(collect_garbage(inner.clone()));
         Ok(Self { inner, mesh, proxy })
     }
 
@@ -234,6 +262,57 @@ async fn accept(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
                 _ => conn.close(transport::close::VERSION, b"unsupported protocol"),
             }
         });
+    }
+}
+
+/// Evicts by TTL and watermarks, least recently used first, never what is pinned (a running
+/// download or upload), every [`GC_INTERVAL`].
+async fn collect_garbage(inner: Arc<Inner>) {
+    loop {
+        let i = inner.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let g = &i.cfg.gc;
+            let cfg = GcConfig {
+                high_watermark: store_watermark(g.high_watermark),
+                low_watermark: store_watermark(g.low_watermark),
+                ttl: g.ttl,
+            };
+            let bytes = |w: config::Watermark| matches!(w, config::Watermark::Bytes(_));
+            if bytes(g.high_watermark) || bytes(g.low_watermark) {
+                // Byte watermarks bound the store's own usage, not the whole disk's.
+                let free = crate::store::free_space(i.store.dir()).unwrap_or(0);
+                let used = i.store.usage();
+                let disk = DiskUsage {
+                    total: used + free,
+                    free,
+                };
+                i.store.gc_with(&cfg, disk, SystemTime::now())
+            } else {
+                i.store.gc(&cfg, SystemTime::now())
+            }
+        })
+        .await;
+        if let Ok(report) = report {
+            if !report.evicted.is_empty() {
+                info!(
+                    evicted = report.evicted.len(),
+                    bytes = report.bytes_freed,
+                    "store collected"
+                );
+                let mut live = inner.live.lock().expect("live lock");
+                for t in &report.evicted {
+                    live.remove(t);
+                }
+            }
+        }
+        tokio::time::sleep(GC_INTERVAL).await;
+    }
+}
+
+fn store_watermark(w: config::Watermark) -> GcWatermark {
+    match w {
+        config::Watermark::Percent(p) => GcWatermark::Percent(p.clamp(0.0, 100.0).round() as u8),
+        config::Watermark::Bytes(b) => GcWatermark::Bytes(b),
     }
 }
 
@@ -315,7 +394,8 @@ impl Inner {
                         haves: broadcast::channel(HAVE_FEED).0,
                     })
                 });
-            Ok(Arc::new(StoreSink { entry }) as Arc<dyn PieceSink>)
+            let pin = entry.pin();
+            Ok(Arc::new(StoreSink { entry, _pin: pin }) as Arc<dyn PieceSink>)
         });
         let me = self.clone();
         let on_have: engine::HaveFn = Arc::new(move |i| {
@@ -384,9 +464,11 @@ fn done(result: Result<Completed, Failure>) -> watch::Receiver<State> {
     watch::channel(State::Done(result)).1
 }
 
-/// Stored pieces of a task in the daemon's store.
+/// Stored pieces of a task in the daemon's store, pinned against collection while the
+/// download runs.
 struct StoreSink {
     entry: Arc<TaskEntry>,
+    _pin: PinGuard,
 }
 
 impl PieceSink for StoreSink {
@@ -420,11 +502,13 @@ impl PieceStore for Inner {
     }
 
     fn read_piece(&self, task: TaskId, index: u32) -> Option<Vec<u8>> {
-        let t = self.live.lock().expect("live lock").get(&task).cloned()?;
-        if !t.entry.has(index) {
+        self.live.lock().expect("live lock").get(&task)?;
+        // Pinned for the read, so collection cannot remove the file under it.
+        let pinned = self.store.pin(task)?;
+        if !pinned.has(index) {
             return None;
         }
-        t.entry.read_piece(index).ok()
+        pinned.read_piece(index).ok()
     }
 }
 

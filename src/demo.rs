@@ -45,6 +45,10 @@ pub async fn run(peers: usize, size_mib: u64) -> anyhow::Result<()> {
         identity: cluster.issue("demo-supernode")?,
         origin_cas: vec![origin_ca_path],
         labels: Default::default(),
+        origin_rate: 0,
+        metrics: std::sync::Arc::new(crate::metrics::Metrics::new(
+            crate::metrics::Role::Supernode,
+        )),
     })
     .await?;
     let sn_addr = sn.local_addr();

@@ -33,6 +33,10 @@ pub async fn get(
         identity: seed_identity,
         origin_cas: origin_cas.to_vec(),
         labels: Default::default(),
+        origin_rate: 0,
+        metrics: std::sync::Arc::new(crate::metrics::Metrics::new(
+            crate::metrics::Role::Supernode,
+        )),
     })
     .await
     .map_err(|e| setup(&e))?;

@@ -25,8 +25,10 @@ use sha2::Digest;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::metrics::{Metrics, Source, TaskState};
 use crate::origin::{OriginClient, OriginError};
 use crate::pki::NodeIdentity;
+use crate::ratelimit::RateLimiter;
 use crate::sched::parents::{Swarm, SwarmConfig};
 use crate::sched::seed::SeedGate;
 use crate::store::{self, DataFile, StoreError};
@@ -58,6 +60,10 @@ pub struct SupernodeConfig {
     pub origin_cas: Vec<PathBuf>,
     /// Locality labels.
     pub labels: Labels,
+    /// Budget for fetching from origins, bytes/s, all tasks together (0: unlimited).
+    pub origin_rate: u64,
+    /// Metrics to count into.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A running supernode.
@@ -73,6 +79,8 @@ struct Inner {
     tasks_dir: PathBuf,
     tasks: Mutex<HashMap<TaskId, Arc<SeedTask>>>,
     uploads: Semaphore,
+    origin_limiter: RateLimiter,
+    metrics: Arc<Metrics>,
     connections: Arc<Semaphore>,
     started: Instant,
 }
@@ -163,6 +171,8 @@ impl Supernode {
             tasks_dir,
             tasks: Mutex::new(HashMap::new()),
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            origin_limiter: RateLimiter::new(cfg.origin_rate),
+            metrics: cfg.metrics.clone(),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             started: Instant::now(),
         });
@@ -231,6 +241,8 @@ impl Inner {
             return;
         }
         debug!(%remote, "mesh connection");
+        self.metrics.peers_connected().inc();
+        let _connected = Decrement(&self.metrics);
         // Set by the first control stream's Hello: whether the peer uploads to others decides
         // whether the seed may send it to them instead (see SeedGate).
         let uploader: Arc<OnceLock<bool>> = Arc::default();
@@ -443,9 +455,17 @@ impl Inner {
         range: Option<ByteRange>,
     ) {
         let data_path = self.tasks_dir.join(format!("{}.data", task.id));
+        self.metrics.tasks(TaskState::Running).inc();
         let result = self
             .ingest_inner(&task, &url, &headers, expected, range, &data_path)
             .await;
+        self.metrics.tasks(TaskState::Running).dec();
+        let state = if result.is_ok() {
+            TaskState::Complete
+        } else {
+            TaskState::Failed
+        };
+        self.metrics.tasks(state).inc();
         match result {
             Ok(sha) => {
                 info!(sha = %task::format_digest(&sha), "task complete");
@@ -480,6 +500,7 @@ impl Inner {
         data_path: &Path,
     ) -> Result<Sha256, ErrorMsg> {
         let id = task.id;
+        self.metrics.origin_requests().inc();
         let mut resp = self
             .origin
             .fetch(url, headers, range)
@@ -517,6 +538,11 @@ impl Inner {
         let read_result: Result<(), ErrorMsg> = async {
             while let Some(mut chunk) = resp.chunk().await.map_err(|e| origin_error(id, e))? {
                 total += chunk.len() as u64;
+                self.metrics.origin_bytes().add(chunk.len() as u64);
+                self.metrics
+                    .download_bytes(Source::Origin)
+                    .add(chunk.len() as u64);
+                self.origin_limiter.acquire(chunk.len() as u64).await;
                 if total > task::MAX_CONTENT_LENGTH {
                     return Err(error_msg(
                         Some(id),
@@ -677,7 +703,11 @@ impl Inner {
         };
         let (off, len) = (g.offset(req.index), g.piece_len(req.index));
         match tokio::task::spawn_blocking(move || file.read_at(off, len as usize)).await {
-            Ok(Ok(bytes)) => (PieceHeader::ok(len), Some(Bytes::from(bytes))),
+            Ok(Ok(bytes)) => {
+                self.metrics.pieces_served().inc();
+                self.metrics.upload_bytes().add(len as u64);
+                (PieceHeader::ok(len), Some(Bytes::from(bytes)))
+            }
             _ => (PieceHeader::refuse(PieceStatus::Internal), None),
         }
     }
@@ -968,5 +998,14 @@ enum ControlError {
 impl From<MeshError> for ControlError {
     fn from(e: MeshError) -> Self {
         ControlError::Protocol(e.to_string())
+    }
+}
+
+/// Decrements the connected-peers gauge when a connection handler ends, however it ends.
+struct Decrement<'a>(&'a Metrics);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.peers_connected().dec();
     }
 }

@@ -129,7 +129,6 @@ async fn interrupted_download(signal: i32, len: u64, kill_at: u64) -> (f64, f64)
         "an interrupted get left a file"
     );
     let status = a.wait(Duration::from_secs(30)).await;
-    let first_log = a.log();
     drop(a);
 
     let a = env.daemon(&pkis[1], &[&sn], &[]).await;
@@ -137,14 +136,16 @@ async fn interrupted_download(signal: i32, len: u64, kill_at: u64) -> (f64, f64)
     assert_copy(&out.join("again"), &expected);
     let after = a.downloaded().await;
     assert_eq!(origin.gets("layer.bin"), 1, "origin GETs");
+    let log = a.log();
+    let resumed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("store opened") || l.contains("download started"))
+        .map(|l| l.rsplit_once("[0m: ").map_or(l, |(_, r)| r))
+        .collect::<Vec<_>>();
     eprintln!(
         "stopped ({status}) with {before} bytes; {after} bytes downloaded after the restart; \
-         log of the first run:\n{}",
-        first_log
-            .lines()
-            .filter(|l| l.contains("store") || l.contains("started"))
-            .collect::<Vec<_>>()
-            .join("\n")
+         the restarted daemon logged:\n{}",
+        resumed.join("\n")
     );
     (before, after)
 }

@@ -35,6 +35,8 @@ async fn pieces_reach_the_peer_before_the_origin_download_ends() {
         identity: cluster.issue("sn").unwrap(),
         origin_cas: vec![origin.ca_file.clone()],
         labels: Default::default(),
+        origin_rate: 0,
+        metrics: std::sync::Arc::new(d7q::metrics::Metrics::new(d7q::metrics::Role::Supernode)),
     })
     .await
     .unwrap();

@@ -43,6 +43,17 @@ async fn get_all_ok(env: &Env, url: &str, out: &Path, daemons: &[&Daemon], first
     }
 }
 
+/// `reason=count` of each piece failure the daemon counted, for messages.
+async fn failures(d: &Daemon) -> String {
+    d.metrics()
+        .await
+        .into_iter()
+        .filter(|(k, v)| k.starts_with("d7q_piece_failures_total{") && *v > 0.0)
+        .map(|(k, v)| format!("{}={v}", k.trim_start_matches("d7q_piece_failures_total")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[track_caller]
 fn assert_copy(out: &Path, name: &str, expected: &str) {
     assert_eq!(
@@ -131,6 +142,7 @@ async fn a_corrupt_peer_that_finished_first_is_isolated() {
         "the isolated daemon kept uploading"
     );
     assert_eq!(origin.gets("layer.bin"), 1, "origin GETs");
+    eprintln!("digest mismatches {mismatches:?}; the corrupt daemon uploaded {bad_uploaded} bytes");
 }
 
 /// A corrupt daemon downloading together with honest ones: the seed hands each piece out once and
@@ -192,6 +204,7 @@ async fn a_corrupt_peer_downloading_with_the_swarm_is_isolated() {
         "the supernode log shows no digest-mismatch report:\n{log}"
     );
     assert_eq!(origin.gets("layer.bin"), 1, "origin GETs");
+    eprintln!("digest mismatches {mismatches:?}; the corrupt daemon uploaded {bad_uploaded} bytes");
 }
 
 /// Four daemons fetch a file; once one of them has served its peers, it is killed (SIGKILL). The
@@ -247,6 +260,7 @@ async fn a_peer_killed_mid_transfer_does_not_stop_the_others() {
         }
         o.ok();
         assert_copy(&outs[i], "big.bin", &expected);
+        eprintln!("daemon {i} piece failures: {}", failures(&daemons[i]).await);
     }
     results[VICTIM].fails(5, "daemon");
     assert_only(&outs[VICTIM], &[]);
@@ -319,6 +333,9 @@ async fn a_stalled_parent_is_routed_around() {
         stalled_result.code,
         stalled_result.stderr.trim()
     );
+    for (i, d) in others.iter().enumerate() {
+        eprintln!("daemon {i} piece failures: {}", failures(d).await);
+    }
     assert_eq!(origin.gets("big.bin"), 1, "origin GETs");
 }
 

@@ -236,10 +236,17 @@ impl Env {
         let log = self.path().join(format!("supernode-{name}.log"));
         let log_file = std::fs::File::create(&log).expect("supernode log");
         let mut cmd = self.command();
-        cmd.args(["supernode", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .arg("--pki")
-            .arg(pki);
+        cmd.args([
+            "supernode",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg("--pki")
+        .arg(pki);
         if let Some(ca) = origin_ca {
             cmd.arg("--origin-ca").arg(ca);
         }

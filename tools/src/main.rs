@@ -2,9 +2,14 @@
 //!
 //! A map of the crate:
 //!
+//! - [`swarm`]: rows a and b, N peers through the mesh against N direct HTTPS downloads, on
+//!   rate-limited links between network namespaces, held against the Kumar–Ross bound.
 //! - [`transfer`]: row c, one transfer on loopback — the QUIC mesh against HTTPS over TCP.
 //! - [`https`]: the baseline HTTPS client (hyper + rustls), run as its own process through the
 //!   hidden `https-get` subcommand so it is timed exactly like `d7q get`.
+//! - [`netns`]: namespaces, veth pairs, a bridge and `tbf` links for [`swarm`].
+//! - [`origin`]: the processes [`swarm`] runs inside a namespace: the HTTPS origin and a
+//!   `/metrics` reader (hidden `origin` and `scrape` subcommands).
 //! - [`util`]: child processes with wall-clock and CPU time, temp dirs, test data, statistics.
 //!
 //! Every benchmark interleaves its variants round by round, reports the median and the spread,
@@ -12,6 +17,9 @@
 //! a shared machine; the ratios measured in one run are the result.
 
 mod https;
+mod netns;
+mod origin;
+mod swarm;
 mod transfer;
 mod util;
 
@@ -29,11 +37,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Rows a and b: N peers through the mesh vs N direct downloads, shaped links (root).
+    Swarm(swarm::Args),
     /// Row c: one transfer on loopback, QUIC mesh vs HTTPS over TCP (hyper + rustls).
     Transfer(transfer::Args),
     /// One HTTPS GET to a file (the baseline client the benchmarks spawn).
     #[command(hide = true)]
     HttpsGet(https::Args),
+    /// An HTTPS origin serving a directory, for a network namespace.
+    #[command(hide = true)]
+    Origin(origin::Args),
+    /// One plain HTTP GET (a daemon's /metrics), body to stdout.
+    #[command(hide = true)]
+    Scrape(origin::ScrapeArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +57,9 @@ fn main() -> ExitCode {
     let result = match &cli.cmd {
         Cmd::Transfer(a) => transfer::run(a),
         Cmd::HttpsGet(a) => https::run(a),
+        Cmd::Swarm(a) => swarm::run(a),
+        Cmd::Origin(a) => origin::run(a),
+        Cmd::Scrape(a) => origin::scrape(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
