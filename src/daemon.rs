@@ -81,6 +81,8 @@ impl Default for GcSettings {
     }
 }
 
+/// How often running downloads' metadata is saved.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the store is checked against the watermarks and the TTL.
 pub const GC_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -203,6 +205,7 @@ impl Daemon {
         ));
         tokio::spawn(accept(endpoint, inner.clone()));
         tokio::spawn(collect_garbage(inner.clone()));
+        tokio::spawn(flush_metadata(inner.clone()));
         Ok(Self { inner, mesh, proxy })
     }
 
@@ -262,6 +265,17 @@ async fn accept(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
                 _ => conn.close(transport::close::VERSION, b"unsupported protocol"),
             }
         });
+    }
+}
+
+/// Saves the store's metadata (which pieces are stored, with their checksums) every
+/// [`FLUSH_INTERVAL`], so a crash loses at most that much progress: a restart resumes from it
+/// and the scrub drops any piece whose bytes did not reach the disk.
+async fn flush_metadata(inner: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(FLUSH_INTERVAL).await;
+        let i = inner.clone();
+        let _ = tokio::task::spawn_blocking(move || i.store.flush()).await;
     }
 }
 

@@ -127,6 +127,9 @@ pub struct Args {
     /// Longest a single run may take, in seconds; default: 3× the direct model + 120 s.
     #[arg(long)]
     timeout_secs: Option<u64>,
+    /// Keep every process's log here, one directory per round and N.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
     /// Only remove what an interrupted run left: its namespaces and the processes in them.
     #[arg(long)]
     cleanup: bool,
@@ -443,6 +446,7 @@ struct Ctx {
     rates: LinkRates,
     queue_ms: u64,
     timeout_secs: Option<u64>,
+    keep_logs: Option<PathBuf>,
 }
 
 async fn bench(
@@ -495,6 +499,7 @@ async fn bench(
         rates,
         queue_ms: args.queue_ms,
         timeout_secs: args.timeout_secs,
+        keep_logs: args.keep_logs.clone(),
     };
     let load_before = util::load_average();
     let mut runs: HashMap<usize, (Vec<MeshRun>, Vec<DirectRun>)> = HashMap::new();
@@ -562,10 +567,30 @@ async fn bench(
 
 impl Ctx {
     /// One round for one N: a fresh topology and origin, the mesh run and the direct run.
+    /// With `--keep-logs`, every process's log is kept whether the round succeeded or not.
     async fn round(&self, n: usize, round: usize, rounds: usize) -> Result<(MeshRun, DirectRun)> {
         let dir = self.tmp.join("round");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir)?;
+        let result = self.run_round(n, round, rounds, &dir).await;
+        if let Some(keep) = &self.keep_logs {
+            let dest = keep.join(format!("round{round}-n{n}"));
+            if let Err(e) = copy_logs(&dir, &dest) {
+                eprintln!("d7q-bench: keeping the logs in {}: {e:#}", dest.display());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    async fn run_round(
+        &self,
+        n: usize,
+        round: usize,
+        rounds: usize,
+        dir: &Path,
+    ) -> Result<(MeshRun, DirectRun)> {
+        let dir = dir.to_path_buf();
         let mut topo = Topology::build(self.nodes(n), self.queue_ms)?;
         let mut origin = OriginProc::start(self, &topo, &dir).await?;
         let model = Model::new(self.bytes, n, &self.rates);
@@ -587,7 +612,6 @@ impl Ctx {
         };
         origin.stop().await;
         topo.teardown()?;
-        let _ = std::fs::remove_dir_all(&dir);
         Ok((
             MeshRun {
                 round,
@@ -721,7 +745,11 @@ impl Ctx {
             .await?;
         let peer_secs: Vec<f64> = times.iter().map(|t| t.0).collect();
         let traffic = after.traffic_since(&before, n);
-        let _ = std::fs::remove_dir_all(&dir);
+        // The stores go now; the logs stay until the round ends.
+        let _ = std::fs::remove_dir_all(dir.join("supernode-store"));
+        for i in 1..=n {
+            let _ = std::fs::remove_dir_all(dir.join(format!("p{i}/store")));
+        }
         Ok(MeshRun {
             round: 0,
             first: false,
@@ -776,7 +804,6 @@ impl Ctx {
         })
         .await?;
         let peer_secs: Vec<f64> = times.iter().map(|t| t.0).collect();
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(DirectRun {
             round: 0,
             first: false,
@@ -1136,6 +1163,24 @@ fn log_tail(path: &Path, what: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
     format!("{what} ({}), last lines:\n{tail}", path.display())
+}
+
+/// Copies every `*.log` under `dir` (two levels) to `dest`, named by their path with `/` as `-`.
+fn copy_logs(dir: &Path, dest: &Path) -> Result<()> {
+    std::fs::create_dir_all(dest)?;
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() && depth < 2 {
+                stack.push((path, depth + 1));
+            } else if path.extension().is_some_and(|e| e == "log") {
+                let rel = path.strip_prefix(dir)?.to_string_lossy().replace('/', "-");
+                std::fs::copy(&path, dest.join(rel))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether this process runs as root (uid 0).
