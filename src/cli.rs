@@ -448,7 +448,7 @@ fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
             file.listen,
             "0.0.0.0:65002".parse().expect("literal"),
         ),
-        advertise: a.advertise,
+        advertise: a.advertise.or(file.advertise),
         proxy: config::pick(
             a.proxy,
             file.proxy,

@@ -134,6 +134,8 @@ pub struct SupernodeFile {
 pub struct DaemonFile {
     /// `--listen`: UDP address for the QUIC mesh.
     pub listen: Option<SocketAddr>,
+    /// `--advertise`: the mesh address other peers dial, when `listen` is not reachable as is.
+    pub advertise: Option<SocketAddr>,
     /// `--proxy`: TCP address of the HTTP proxy, registry mirror and `/metrics`.
     pub proxy: Option<SocketAddr>,
     /// `--data-dir`: the content store.

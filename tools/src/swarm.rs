@@ -72,6 +72,9 @@ const BLOB_PATH: &str = "/blob.bin";
 /// How long a process may take to print its `ready` line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a mesh run asks the origin how much it has sent.
+const ORIGIN_POLL: Duration = Duration::from_millis(100);
+
 /// Lines of a log shown with an error.
 const LOG_TAIL_LINES: usize = 15;
 
@@ -130,6 +133,10 @@ pub struct Args {
     /// Keep every process's log here, one directory per round and N.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
+    /// Daemons listen on 0.0.0.0 (and must find the address to advertise themselves) instead of
+    /// their namespace's address.
+    #[arg(long)]
+    daemon_listen_any: bool,
     /// Only remove what an interrupted run left: its namespaces and the processes in them.
     #[arg(long)]
     cleanup: bool,
@@ -395,10 +402,16 @@ struct MeshRun {
     from_supernode_bytes: u64,
     from_origin_bytes: u64,
     uploaded_bytes: u64,
+    /// When the origin had sent the whole file (its count, polled every
+    /// [`ORIGIN_POLL`]): about when the supernode had it all.
+    origin_sent_file_s: Option<f64>,
     /// CPU seconds (user + system) of the daemons together, the supernode, the `d7q get`s.
     daemons_cpu_s: f64,
     supernode_cpu_s: f64,
     clients_cpu_s: f64,
+    /// All of this run's processes (origin included), in cores over the slowest peer's time;
+    /// the rest of `traffic.cpu_busy_cores` is the kernel's packet work and other load.
+    cpu_ours_cores: f64,
 }
 
 /// One direct run.
@@ -410,8 +423,9 @@ struct DirectRun {
     slowest_s: f64,
     median_peer_s: f64,
     traffic: Traffic,
-    origin_cpu_s: f64,
     clients_cpu_s: f64,
+    /// As in [`MeshRun`].
+    cpu_ours_cores: f64,
 }
 
 /// What crossed the links during a run (first client started to last one done).
@@ -432,6 +446,8 @@ struct Traffic {
     /// Cores busy (all but idle and iowait), and those in softirq (the links themselves).
     cpu_busy_cores: f64,
     cpu_softirq_cores: f64,
+    /// CPU seconds of the origin process.
+    origin_cpu_s: f64,
 }
 
 /// Fixed for the whole benchmark.
@@ -447,6 +463,7 @@ struct Ctx {
     queue_ms: u64,
     timeout_secs: Option<u64>,
     keep_logs: Option<PathBuf>,
+    daemon_listen_any: bool,
 }
 
 async fn bench(
@@ -500,6 +517,7 @@ async fn bench(
         queue_ms: args.queue_ms,
         timeout_secs: args.timeout_secs,
         keep_logs: args.keep_logs.clone(),
+        daemon_listen_any: args.daemon_listen_any,
     };
     let load_before = util::load_average();
     let mut runs: HashMap<usize, (Vec<MeshRun>, Vec<DirectRun>)> = HashMap::new();
@@ -682,7 +700,12 @@ impl Ctx {
             let pdir = dir.join(&name);
             std::fs::create_dir(&pdir)?;
             let mut cmd = Topology::command(&name, &self.d7q);
-            cmd.args(["daemon", "--listen", &format!("0.0.0.0:{MESH_PORT}")])
+            let listen = if self.daemon_listen_any {
+                format!("0.0.0.0:{MESH_PORT}")
+            } else {
+                format!("{}:{MESH_PORT}", topo.addr(&name)?)
+            };
+            cmd.args(["daemon", "--listen", &listen])
                 .args(["--proxy", &format!("127.0.0.1:{METRICS_PORT}")])
                 .arg("--data-dir")
                 .arg(pdir.join("store"))
@@ -712,7 +735,13 @@ impl Ctx {
             })
             .collect();
         let before = Snapshot::take(topo, origin).await?;
-        let done = run_clients(clients, timeout).await;
+        let (done, origin_sent_file_s) = run_watching_origin(
+            clients,
+            timeout,
+            origin,
+            before.origin.body_bytes + self.bytes,
+        )
+        .await;
         let after = Snapshot::take(topo, origin).await?;
         let (times, clients_cpu) = done?;
 
@@ -721,7 +750,7 @@ impl Ctx {
                 .and_then(|pid| CpuTimes::of_pid(pid).ok())
                 .map_or(0.0, |t| t.total())
         };
-        let daemons_cpu_s = daemons.iter().map(cpu_of).sum();
+        let daemons_cpu_s: f64 = daemons.iter().map(cpu_of).sum();
         let supernode_cpu_s = cpu_of(&supernode);
         let mut bytes = DaemonBytes::default();
         for i in 1..=n {
@@ -745,6 +774,8 @@ impl Ctx {
             .await?;
         let peer_secs: Vec<f64> = times.iter().map(|t| t.0).collect();
         let traffic = after.traffic_since(&before, n);
+        let slowest_s = max(&peer_secs);
+        let ours = daemons_cpu_s + supernode_cpu_s + clients_cpu.total() + traffic.origin_cpu_s;
         // The stores go now; the logs stay until the round ends.
         let _ = std::fs::remove_dir_all(dir.join("supernode-store"));
         for i in 1..=n {
@@ -753,7 +784,7 @@ impl Ctx {
         Ok(MeshRun {
             round: 0,
             first: false,
-            slowest_s: max(&peer_secs),
+            slowest_s,
             median_peer_s: Spread::of(&peer_secs).map_or(f64::NAN, |s| s.median),
             peer_secs,
             traffic,
@@ -761,9 +792,11 @@ impl Ctx {
             from_supernode_bytes: bytes.from_supernode,
             from_origin_bytes: bytes.from_origin,
             uploaded_bytes: bytes.uploaded,
+            origin_sent_file_s,
             daemons_cpu_s,
             supernode_cpu_s,
             clients_cpu_s: clients_cpu.total(),
+            cpu_ours_cores: ours / slowest_s,
         })
     }
 
@@ -792,11 +825,9 @@ impl Ctx {
                 cmd
             })
             .collect();
-        let origin_cpu_before = origin.cpu()?;
         let before = Snapshot::take(topo, origin).await?;
         let done = run_clients(clients, timeout).await;
         let after = Snapshot::take(topo, origin).await?;
-        let origin_cpu_s = origin.cpu()?.since(origin_cpu_before).total();
         let (times, clients_cpu) = done?;
         let origin_log = origin.log.clone();
         self.check_outputs("https-get", &times, outputs, |_| {
@@ -804,14 +835,16 @@ impl Ctx {
         })
         .await?;
         let peer_secs: Vec<f64> = times.iter().map(|t| t.0).collect();
+        let traffic = after.traffic_since(&before, n);
+        let slowest_s = max(&peer_secs);
         Ok(DirectRun {
             round: 0,
             first: false,
-            slowest_s: max(&peer_secs),
+            slowest_s,
             median_peer_s: Spread::of(&peer_secs).map_or(f64::NAN, |s| s.median),
             peer_secs,
-            traffic: after.traffic_since(&before, n),
-            origin_cpu_s,
+            cpu_ours_cores: (traffic.origin_cpu_s + clients_cpu.total()) / slowest_s,
+            traffic,
             clients_cpu_s: clients_cpu.total(),
         })
     }
@@ -947,6 +980,7 @@ impl OriginProc {
 /// Counters read just before the clients start and just after the last one ends.
 struct Snapshot {
     origin: Stats,
+    origin_cpu: CpuTimes,
     links: HashMap<String, LinkCounters>,
     cpu: MachineCpu,
 }
@@ -955,6 +989,7 @@ impl Snapshot {
     async fn take(topo: &Topology, origin: &mut OriginProc) -> Result<Self> {
         Ok(Self {
             origin: origin.stats().await?,
+            origin_cpu: origin.cpu()?,
             links: topo.counters()?,
             cpu: MachineCpu::read()?,
         })
@@ -980,6 +1015,7 @@ impl Snapshot {
             down_drops: all.iter().map(|c| c.down_drops).sum(),
             cpu_busy_cores: busy,
             cpu_softirq_cores: softirq,
+            origin_cpu_s: self.origin_cpu.since(before.origin_cpu).total(),
         }
     }
 }
@@ -1149,6 +1185,35 @@ fn ready_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// [`run_clients`], asking the origin for its count every [`ORIGIN_POLL`] meanwhile; also
+/// returns the seconds until the count first reached `sent`.
+async fn run_watching_origin(
+    cmds: Vec<Command>,
+    timeout: Duration,
+    origin: &mut OriginProc,
+    sent: u64,
+) -> (Result<(Vec<(f64, Output)>, CpuTimes)>, Option<f64>) {
+    let start = Instant::now();
+    let clients = run_clients(cmds, timeout);
+    tokio::pin!(clients);
+    let mut reached = None;
+    loop {
+        tokio::select! {
+            r = &mut clients => return (r, reached),
+            // The clients' times are taken by their own tasks, so this arm delays nothing.
+            _ = tokio::time::sleep(ORIGIN_POLL), if reached.is_none() => {
+                match origin.stats().await {
+                    Ok(s) if s.body_bytes >= sent => {
+                        reached = Some(start.elapsed().as_secs_f64());
+                    }
+                    Ok(_) => {}
+                    Err(e) => return (Err(e), None),
+                }
+            }
+        }
+    }
+}
+
 /// Runs `d7q ARGS PATHS…` to completion.
 async fn d7q_cmd(d7q: &Path, args: &[&str], paths: &[&Path]) -> Result<()> {
     let mut cmd = Command::new(d7q);
@@ -1268,30 +1333,33 @@ fn log_mesh(round: usize, rounds: usize, n: usize, m: &MeshRun, model: &Model, b
     let total = m.from_peers_bytes + m.from_supernode_bytes + m.from_origin_bytes;
     eprintln!(
         "round {round}/{rounds} N={n:<3} mesh   slowest {:7.2} s (median peer {:7.2} s)  \
-         T_min/T {:.2}  origin egress {:.3} F  from peers {:3.0}%  supernode sent {:.2} F  \
-         drops {}/{}  CPU {:.2} cores",
+         T_min/T {:.2}  origin done {:5.2} s  origin egress {:.3} F  from peers {:3.0}%  \
+         supernode sent {:.2} F  drops {}/{}  CPU {:.2} cores ({:.2} ours)",
         m.slowest_s,
         m.median_peer_s,
         model.t_min_s / m.slowest_s,
+        m.origin_sent_file_s.unwrap_or(f64::NAN),
         m.traffic.origin_body_bytes as f64 / bytes as f64,
         100.0 * m.from_peers_bytes as f64 / total.max(1) as f64,
         m.traffic.supernode_link_up_bytes as f64 / bytes as f64,
         m.traffic.up_drops,
         m.traffic.down_drops,
-        m.traffic.cpu_busy_cores
+        m.traffic.cpu_busy_cores,
+        m.cpu_ours_cores
     );
 }
 
 fn log_direct(round: usize, rounds: usize, n: usize, d: &DirectRun, model: &Model) {
     eprintln!(
         "round {round}/{rounds} N={n:<3} direct slowest {:7.2} s (median peer {:7.2} s)  \
-         model/T {:.2}  drops {}/{}  CPU {:.2} cores",
+         model/T {:.2}  drops {}/{}  CPU {:.2} cores ({:.2} ours)",
         d.slowest_s,
         d.median_peer_s,
         model.t_direct_s / d.slowest_s,
         d.traffic.up_drops,
         d.traffic.down_drops,
-        d.traffic.cpu_busy_cores
+        d.traffic.cpu_busy_cores,
+        d.cpu_ours_cores
     );
 }
 
