@@ -223,6 +223,11 @@ impl Daemon {
         self.proxy
     }
 
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
     /// The local socket.
     pub fn socket(&self) -> &std::path::Path {
         &self.inner.cfg.socket

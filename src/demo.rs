@@ -9,11 +9,13 @@ use anyhow::Context;
 use sha2::Digest;
 
 use crate::cli::human_bytes;
+use crate::daemon::{Daemon, DaemonConfig, GcSettings};
 use crate::devserver::{DevCa, DevServer};
-use crate::peer::{self, GetRequest};
+use crate::local;
+use crate::metrics::Source;
+use crate::peer::GetRequest;
 use crate::pki::ClusterCa;
 use crate::supernode::{Supernode, SupernodeConfig};
-use crate::transport;
 
 /// Runs the demo with `peers` peers and a file of `size_mib` MiB.
 pub async fn run(peers: usize, size_mib: u64) -> anyhow::Result<()> {
@@ -55,51 +57,86 @@ pub async fn run(peers: usize, size_mib: u64) -> anyhow::Result<()> {
     println!("  supernode  {sn_addr} (QUIC, mutual TLS)");
     let sn_task = tokio::spawn(sn.run());
 
+    // One daemon per peer, as on a fleet of hosts: each downloads for its local client and
+    // uploads what it has verified to the others.
+    let mut daemons = Vec::new();
+    for p in 0..peers {
+        let d = Daemon::start(DaemonConfig {
+            listen: loopback,
+            advertise: None,
+            proxy: loopback,
+            data_dir: work.join(format!("daemon-{p}")),
+            identity: cluster.issue(&format!("demo-peer-{p}"))?,
+            supernodes: vec![sn_addr],
+            socket: work.join(format!("daemon-{p}.sock")),
+            labels: d7q_wire::Labels {
+                host: format!("peer-{p}"),
+                ..Default::default()
+            },
+            upload_rate: 0,
+            download_rate: 0,
+            per_download_rate: 0,
+            danger_corrupt_uploads: false,
+            gc: GcSettings::default(),
+        })
+        .await?;
+        daemons.push(d);
+    }
+    println!("  daemons    {peers}, each with its own store, uploading to the others");
     let started = Instant::now();
     let mut handles = Vec::new();
-    for p in 0..peers {
-        let identity = cluster.issue(&format!("demo-peer-{p}"))?;
+    for (p, d) in daemons.iter().enumerate() {
         let req = GetRequest {
             url: url.clone(),
             output: work.join(format!("peer-{p}.bin")),
             digest: None,
             headers: vec![],
         };
+        let socket = d.socket().to_path_buf();
         handles.push(tokio::spawn(async move {
-            let ep = transport::endpoint(&identity, loopback, false)?;
             let t = Instant::now();
-            let out = peer::get(&ep, &[sn_addr], &req, None).await;
-            ep.close(transport::close::DONE, b"");
-            anyhow::Ok((out?, t.elapsed(), req.output))
+            local::get(&socket, &req, None).await?;
+            anyhow::Ok((t.elapsed(), req.output))
         }));
     }
     println!();
-    println!("  peer       received      time  from                   verified");
+    println!("  peer       from supernode  from peers  uploaded     time  verified");
     let mut ok = 0;
+    let (mut all_sn, mut all_peers) = (0, 0);
     for (p, h) in handles.into_iter().enumerate() {
-        let (outcome, took, path) = h.await??;
+        let (took, path) = h.await??;
         let sha: [u8; 32] = sha2::Sha256::digest(std::fs::read(&path)?).into();
-        let good = sha == expected && outcome.sha256 == expected;
+        let good = sha == expected;
         ok += good as usize;
-        for (src, bytes) in &outcome.sources {
-            println!(
-                "  {:<8} {:>10} {:>8.2}s  supernode {:<12} {}",
-                format!("peer-{p}"),
-                human_bytes(*bytes),
-                took.as_secs_f64(),
-                src,
-                if good { "sha256 ok" } else { "MISMATCH" }
-            );
-        }
+        let m = daemons[p].metrics();
+        let (sn_bytes, peer_bytes) = (
+            m.download_bytes(Source::Supernode).value(),
+            m.download_bytes(Source::Peer).value(),
+        );
+        all_sn += sn_bytes;
+        all_peers += peer_bytes;
+        println!(
+            "  {:<8} {:>15} {:>11} {:>9} {:>7.2}s  {}",
+            format!("peer-{p}"),
+            human_bytes(sn_bytes),
+            human_bytes(peer_bytes),
+            human_bytes(m.upload_bytes().value()),
+            took.as_secs_f64(),
+            if good { "sha256 ok" } else { "MISMATCH" }
+        );
     }
     let total = started.elapsed().as_secs_f64();
     println!();
     println!(
-        "  origin sent {} for {} copies ({} GET); all done in {total:.2}s; {ok}/{peers} copies verified",
+        "  origin sent {} ({} GET) for {peers} copies; {:.0}% of the bytes went peer to peer; \
+         done in {total:.2}s; {ok}/{peers} copies verified",
         human_bytes(origin.body_bytes_sent()),
-        peers,
         origin.get_count("/demo.bin"),
+        100.0 * all_peers as f64 / (all_peers + all_sn).max(1) as f64,
     );
+    for d in &daemons {
+        d.shutdown();
+    }
     sn_task.abort();
     drop(origin);
     let _ = std::fs::remove_dir_all(&work);

@@ -219,7 +219,8 @@ pub async fn get(
                 return Ok(GetOutcome {
                     length,
                     sha256: sha,
-                    sources: vec![],
+                    from_supernode: None,
+                    from_peers: 0,
                 });
             }
             Answer::Error { code, message } => {

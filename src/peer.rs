@@ -34,8 +34,11 @@ pub struct GetOutcome {
     pub length: u64,
     /// SHA-256 of the content.
     pub sha256: Sha256,
-    /// Bytes received from each source.
-    pub sources: Vec<(SocketAddr, u64)>,
+    /// The supernode that seeded it and the bytes received from it (none through a daemon,
+    /// which keeps its own counts in its metrics).
+    pub from_supernode: Option<(SocketAddr, u64)>,
+    /// Bytes received from other peers.
+    pub from_peers: u64,
 }
 
 /// Why a download failed; each kind has its own exit code.
@@ -127,11 +130,8 @@ pub async fn get_with(
     Ok(GetOutcome {
         length: outcome.geometry.length,
         sha256: outcome.sha256,
-        sources: vec![
-            (outcome.supernode, outcome.from_seed),
-            // Peers are many; their total is reported under the unspecified address.
-            ("0.0.0.0:0".parse().expect("literal"), outcome.from_peers),
-        ],
+        from_supernode: Some((outcome.supernode, outcome.from_seed)),
+        from_peers: outcome.from_peers,
     })
 }
 

@@ -33,6 +33,11 @@ pub const DEFAULT_MAX_IN_FLIGHT_PER_SOURCE: usize = 4;
 
 /// Default for [`PickerConfig::streaming_window`], in pieces.
 pub const DEFAULT_STREAMING_WINDOW: u32 = 16;
+/// Endgame duplicates start only when this few pieces are missing: with many pieces in flight
+/// (tens per source) "everything missing is in flight" is true early, and duplicating then
+/// doubles the bytes moved. Measured on loopback with four daemons: a third of all uploads
+/// were duplicates before this bound.
+pub const ENDGAME_MAX_MISSING: u32 = 8;
 
 /// A source of pieces (a peer or the seed), numbered by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -361,7 +366,11 @@ impl PiecePicker {
     /// `source` has.
     fn endgame_pick(&self, src: SourceId, source: &Source) -> Option<u32> {
         let remaining = self.count - self.done_count;
-        if !self.cfg.endgame || remaining == 0 || self.in_flight_pieces != remaining {
+        if !self.cfg.endgame
+            || remaining == 0
+            || remaining > ENDGAME_MAX_MISSING
+            || self.in_flight_pieces != remaining
+        {
             return None;
         }
         let mut best: Option<(u64, u32)> = None;

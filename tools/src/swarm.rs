@@ -72,6 +72,9 @@ const BLOB_PATH: &str = "/blob.bin";
 /// How long a process may take to print its `ready` line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The sample that decides whether the machine is idle before a run.
+const IDLE_SAMPLE: Duration = Duration::from_secs(2);
+
 /// How often a mesh run asks the origin how much it has sent.
 const ORIGIN_POLL: Duration = Duration::from_millis(100);
 
@@ -137,6 +140,13 @@ pub struct Args {
     /// their namespace's address.
     #[arg(long)]
     daemon_listen_any: bool,
+    /// Before each run, wait up to this long for the machine to be idle (other work below
+    /// --idle-cores for a sample of 2 s); 0: never wait.
+    #[arg(long, default_value_t = 60)]
+    idle_wait_secs: u64,
+    /// What counts as idle, in busy cores.
+    #[arg(long, default_value_t = 0.3)]
+    idle_cores: f64,
     /// Only remove what an interrupted run left: its namespaces and the processes in them.
     #[arg(long)]
     cleanup: bool,
@@ -376,9 +386,16 @@ struct PeersResult {
     peer_share: Spread,
     /// Per mesh run: the supernode's link bytes sent / F.
     supernode_up_over_f: Spread,
-    /// Machine CPU in use during the runs, in cores.
+    /// Per mesh run: when the origin had sent the whole file (about when the supernode had it).
+    mesh_origin_sent_file_s: Option<Spread>,
+    /// Per mesh run: packets dropped by upload queues and by download queues.
+    mesh_up_drops: Spread,
+    mesh_down_drops: Spread,
+    /// Machine CPU in use during the runs, and this benchmark's processes' share, in cores.
     cpu_busy_cores_mesh: Spread,
+    cpu_ours_cores_mesh: Spread,
     cpu_busy_cores_direct: Spread,
+    cpu_ours_cores_direct: Spread,
     pass_speedup: bool,
     pass_egress: bool,
     pass_bound: bool,
@@ -392,6 +409,8 @@ struct MeshRun {
     round: usize,
     /// Whether it ran before the direct run of its round.
     first: bool,
+    /// Busy cores on the machine just before the run, after waiting up to --idle-wait-secs.
+    busy_before_cores: f64,
     /// Each peer's time, start of all clients to its client's exit.
     peer_secs: Vec<f64>,
     slowest_s: f64,
@@ -419,6 +438,7 @@ struct MeshRun {
 struct DirectRun {
     round: usize,
     first: bool,
+    busy_before_cores: f64,
     peer_secs: Vec<f64>,
     slowest_s: f64,
     median_peer_s: f64,
@@ -464,6 +484,8 @@ struct Ctx {
     timeout_secs: Option<u64>,
     keep_logs: Option<PathBuf>,
     daemon_listen_any: bool,
+    idle_wait: Duration,
+    idle_cores: f64,
 }
 
 async fn bench(
@@ -518,6 +540,8 @@ async fn bench(
         timeout_secs: args.timeout_secs,
         keep_logs: args.keep_logs.clone(),
         daemon_listen_any: args.daemon_listen_any,
+        idle_wait: Duration::from_secs(args.idle_wait_secs),
+        idle_cores: args.idle_cores,
     };
     let load_before = util::load_average();
     let mut runs: HashMap<usize, (Vec<MeshRun>, Vec<DirectRun>)> = HashMap::new();
@@ -612,8 +636,10 @@ impl Ctx {
         let mut topo = Topology::build(self.nodes(n), self.queue_ms)?;
         let mut origin = OriginProc::start(self, &topo, &dir).await?;
         let model = Model::new(self.bytes, n, &self.rates);
-        let timeout = Duration::from_secs(self.timeout_secs.unwrap_or(0))
-            .max(Duration::from_secs_f64(model.t_direct_s * TIMEOUT_FACTOR) + TIMEOUT_SLACK);
+        let timeout = self.timeout_secs.map_or_else(
+            || Duration::from_secs_f64(model.t_direct_s * TIMEOUT_FACTOR) + TIMEOUT_SLACK,
+            Duration::from_secs,
+        );
         let mesh_first = round % 2 == 1;
         let (mesh, direct) = if mesh_first {
             let m = self.mesh(n, &topo, &mut origin, &dir, timeout).await?;
@@ -734,6 +760,7 @@ impl Ctx {
                 cmd
             })
             .collect();
+        let busy_before_cores = self.wait_idle().await?;
         let before = Snapshot::take(topo, origin).await?;
         let (done, origin_sent_file_s) = run_watching_origin(
             clients,
@@ -784,6 +811,7 @@ impl Ctx {
         Ok(MeshRun {
             round: 0,
             first: false,
+            busy_before_cores,
             slowest_s,
             median_peer_s: Spread::of(&peer_secs).map_or(f64::NAN, |s| s.median),
             peer_secs,
@@ -825,6 +853,7 @@ impl Ctx {
                 cmd
             })
             .collect();
+        let busy_before_cores = self.wait_idle().await?;
         let before = Snapshot::take(topo, origin).await?;
         let done = run_clients(clients, timeout).await;
         let after = Snapshot::take(topo, origin).await?;
@@ -840,6 +869,7 @@ impl Ctx {
         Ok(DirectRun {
             round: 0,
             first: false,
+            busy_before_cores,
             slowest_s,
             median_peer_s: Spread::of(&peer_secs).map_or(f64::NAN, |s| s.median),
             peer_secs,
@@ -882,6 +912,31 @@ impl Ctx {
             );
         }
         Ok(())
+    }
+
+    /// Waits until the machine is idle (busy below --idle-cores over [`IDLE_SAMPLE`]), at most
+    /// --idle-wait-secs; returns the busy cores of the last sample.
+    async fn wait_idle(&self) -> Result<f64> {
+        let deadline = Instant::now() + self.idle_wait;
+        let mut said = false;
+        loop {
+            let a = MachineCpu::read()?;
+            tokio::time::sleep(IDLE_SAMPLE).await;
+            let (busy, _) = MachineCpu::read()?.since(&a);
+            if busy < self.idle_cores || Instant::now() >= deadline {
+                if said {
+                    eprintln!("  going on at {busy:.2} busy cores");
+                }
+                return Ok(busy);
+            }
+            if !said {
+                eprintln!(
+                    "  waiting for other work to end ({busy:.2} cores busy, up to {:?})",
+                    self.idle_wait
+                );
+                said = true;
+            }
+        }
     }
 
     /// A daemon's `/metrics`, read from inside its namespace.
@@ -1321,7 +1376,17 @@ fn summarize(
                 .map(|m| m.traffic.supernode_link_up_bytes as f64 / f)
                 .collect(),
         ),
+        mesh_origin_sent_file_s: Spread::of(
+            &mesh
+                .iter()
+                .filter_map(|m| m.origin_sent_file_s)
+                .collect::<Vec<_>>(),
+        ),
+        mesh_up_drops: spread(mesh.iter().map(|m| m.traffic.up_drops as f64).collect()),
+        mesh_down_drops: spread(mesh.iter().map(|m| m.traffic.down_drops as f64).collect()),
         cpu_busy_cores_mesh: spread(mesh.iter().map(|m| m.traffic.cpu_busy_cores).collect()),
+        cpu_ours_cores_mesh: spread(mesh.iter().map(|m| m.cpu_ours_cores).collect()),
+        cpu_ours_cores_direct: spread(direct.iter().map(|d| d.cpu_ours_cores).collect()),
         cpu_busy_cores_direct: spread(direct.iter().map(|d| d.traffic.cpu_busy_cores).collect()),
         model,
         mesh,
@@ -1334,7 +1399,7 @@ fn log_mesh(round: usize, rounds: usize, n: usize, m: &MeshRun, model: &Model, b
     eprintln!(
         "round {round}/{rounds} N={n:<3} mesh   slowest {:7.2} s (median peer {:7.2} s)  \
          T_min/T {:.2}  origin done {:5.2} s  origin egress {:.3} F  from peers {:3.0}%  \
-         supernode sent {:.2} F  drops {}/{}  CPU {:.2} cores ({:.2} ours)",
+         supernode sent {:.2} F  drops {}/{}  CPU {:.2} cores ({:.2} ours, {:.2} before)",
         m.slowest_s,
         m.median_peer_s,
         model.t_min_s / m.slowest_s,
@@ -1345,21 +1410,23 @@ fn log_mesh(round: usize, rounds: usize, n: usize, m: &MeshRun, model: &Model, b
         m.traffic.up_drops,
         m.traffic.down_drops,
         m.traffic.cpu_busy_cores,
-        m.cpu_ours_cores
+        m.cpu_ours_cores,
+        m.busy_before_cores
     );
 }
 
 fn log_direct(round: usize, rounds: usize, n: usize, d: &DirectRun, model: &Model) {
     eprintln!(
         "round {round}/{rounds} N={n:<3} direct slowest {:7.2} s (median peer {:7.2} s)  \
-         model/T {:.2}  drops {}/{}  CPU {:.2} cores ({:.2} ours)",
+         model/T {:.2}  drops {}/{}  CPU {:.2} cores ({:.2} ours, {:.2} before)",
         d.slowest_s,
         d.median_peer_s,
         model.t_direct_s / d.slowest_s,
         d.traffic.up_drops,
         d.traffic.down_drops,
         d.traffic.cpu_busy_cores,
-        d.cpu_ours_cores
+        d.cpu_ours_cores,
+        d.busy_before_cores
     );
 }
 
@@ -1378,7 +1445,7 @@ fn print_table(r: &Report) {
         r.rounds
     );
     println!(
-        "{:>3} {:>21} {:>21} {:>7} {:>6} {:>15} {:>15} {:>7} {:>15} {:>6} {:>9}",
+        "{:>3} {:>21} {:>21} {:>7} {:>6} {:>15} {:>15} {:>7} {:>15}",
         "N",
         "mesh slowest s",
         "direct slowest s",
@@ -1388,15 +1455,13 @@ fn print_table(r: &Report) {
         "egress/F<=1.05",
         "T_min s",
         "T_min/T>=0.85",
-        "peers%",
-        "CPU m/d"
     );
     let verdict = |ok: bool| if ok { "ok" } else { "FAIL" };
     let range = |s: &Spread| format!("{:.1} ({:.1}..{:.1})", s.median, s.min, s.max);
     for p in &r.results {
         println!(
             "{:>3} {:>21} {:>21} {:>7.2} {:>6.2} {:>10.2} {:<4} {:>10.3} {:<4} {:>7.2} {:>10.2} \
-             {:<4} {:>5.0}% {:>4.1}/{:.1}",
+             {:<4}",
             p.peers,
             range(&p.mesh_slowest_s),
             range(&p.direct_slowest_s),
@@ -1409,11 +1474,54 @@ fn print_table(r: &Report) {
             p.model.t_min_s,
             p.t_min_over_t.median,
             verdict(p.pass_bound),
-            100.0 * p.peer_share.median,
-            p.cpu_busy_cores_mesh.median,
-            p.cpu_busy_cores_direct.median
         );
     }
+    println!();
+    println!(
+        "{:>3} {:>8} {:>12} {:>14} {:>13} {:>8} {:>8} {:>13} {:>12} {:>12} {:>10}",
+        "N",
+        "T_min s",
+        "origin done",
+        "mesh median pr",
+        "mesh slowest",
+        "peers%",
+        "sn up/F",
+        "drops up/down",
+        "CPU mesh",
+        "CPU direct",
+        "direct eff"
+    );
+    for p in &r.results {
+        println!(
+            "{:>3} {:>8.2} {:>12} {:>14.2} {:>13.2} {:>7.0}% {:>8.2} {:>13} {:>12} {:>12} {:>10.2}",
+            p.peers,
+            p.model.t_min_s,
+            p.mesh_origin_sent_file_s
+                .map_or("-".into(), |s| format!("{:.2}", s.median)),
+            p.mesh_median_peer_s.median,
+            p.mesh_slowest_s.median,
+            100.0 * p.peer_share.median,
+            p.supernode_up_over_f.median,
+            format!(
+                "{:.0}/{:.0}",
+                p.mesh_up_drops.median, p.mesh_down_drops.median
+            ),
+            format!(
+                "{:.2} ({:.2})",
+                p.cpu_busy_cores_mesh.median, p.cpu_ours_cores_mesh.median
+            ),
+            format!(
+                "{:.2} ({:.2})",
+                p.cpu_busy_cores_direct.median, p.cpu_ours_cores_direct.median
+            ),
+            p.direct_model_over_t.median
+        );
+    }
+    println!(
+        "origin done: seconds until the origin had sent F (the supernode's ingest); sn up/F: \
+         the supernode's link bytes sent over F; CPU: cores busy on the machine (ours: this \
+         benchmark's processes); direct eff: T_direct model / T_direct measured"
+    );
     println!(
         "medians over rounds (min..max); egress/F is the worst round. T_min: Kumar-Ross with the \
          supernode as the seed ({}); binding term: {}.",
@@ -1425,8 +1533,8 @@ fn print_table(r: &Report) {
             .join(", ")
     );
     println!(
-        "peers% = share of the peers' bytes that came from other peers; CPU m/d = cores busy \
-         during mesh / direct runs, of {}; elapsed {:.0} s",
+        "peers% = share of the peers' verified bytes that came from other peers; {} CPUs; \
+         elapsed {:.0} s",
         r.cpus, r.elapsed_s
     );
     if let [Some(before), Some(after)] = r.load_average {
