@@ -129,6 +129,9 @@ async fn interrupted_download(signal: i32, len: u64, kill_at: u64) -> (f64, f64)
         "an interrupted get left a file"
     );
     let status = a.wait(Duration::from_secs(30)).await;
+    if signal == libc::SIGTERM {
+        assert!(status.success(), "SIGTERM: the daemon exited with {status}");
+    }
     drop(a);
 
     let a = env.daemon(&pkis[1], &[&sn], &[]).await;
@@ -140,7 +143,6 @@ async fn interrupted_download(signal: i32, len: u64, kill_at: u64) -> (f64, f64)
     let resumed: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("store opened") || l.contains("download started"))
-        .map(|l| l.rsplit_once("[0m: ").map_or(l, |(_, r)| r))
         .collect::<Vec<_>>();
     eprintln!(
         "stopped ({status}) with {before} bytes; {after} bytes downloaded after the restart; \
