@@ -111,6 +111,18 @@ struct Inner {
 struct LiveTask {
     entry: Arc<TaskEntry>,
     haves: broadcast::Sender<u32>,
+    /// Membership in the task's swarm after the download completed: others fetch from us.
+    presence: Mutex<Option<engine::Presence>>,
+}
+
+impl LiveTask {
+    fn new(entry: Arc<TaskEntry>) -> Self {
+        Self {
+            entry,
+            haves: broadcast::channel(HAVE_FEED).0,
+            presence: Mutex::new(None),
+        }
+    }
 }
 
 /// What a local client sees of a download.
@@ -175,13 +187,7 @@ impl Daemon {
         let mut live = HashMap::new();
         for info in store.list() {
             if let Some(entry) = store.get(info.task) {
-                live.insert(
-                    info.task,
-                    Arc::new(LiveTask {
-                        entry,
-                        haves: broadcast::channel(HAVE_FEED).0,
-                    }),
-                );
+                live.insert(info.task, Arc::new(LiveTask::new(entry)));
             }
         }
         let inner = Arc::new(Inner {
@@ -407,12 +413,7 @@ impl Inner {
                 .lock()
                 .expect("live lock")
                 .entry(id)
-                .or_insert_with(|| {
-                    Arc::new(LiveTask {
-                        entry: entry.clone(),
-                        haves: broadcast::channel(HAVE_FEED).0,
-                    })
-                });
+                .or_insert_with(|| Arc::new(LiveTask::new(entry.clone())));
             let pin = entry.pin();
             Ok(Arc::new(StoreSink { entry, _pin: pin }) as Arc<dyn PieceSink>)
         });
@@ -433,6 +434,7 @@ impl Inner {
             limiters,
             metrics: Some(self.metrics.clone()),
             on_have: Some(on_have),
+            linger: true,
         };
         let txp = tx.clone();
         let progress: crate::peer::ProgressFn = Arc::new(move |done, total| {
@@ -449,7 +451,7 @@ impl Inner {
         )
         .await;
         self.metrics.tasks(TaskState::Running).dec();
-        let outcome = match outcome {
+        let mut outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
                 self.metrics.tasks(TaskState::Failed).inc();
@@ -466,6 +468,9 @@ impl Inner {
             .await
             .map_err(|e| GetError::Mesh(format!("store: {e}")))??;
         self.metrics.tasks(TaskState::Complete).inc();
+        if let Some(t) = self.live.lock().expect("live lock").get(&id) {
+            *t.presence.lock().expect("presence lock") = outcome.presence.take();
+        }
         info!(
             from_seed = outcome.from_seed,
             from_peers = outcome.from_peers,

@@ -97,6 +97,8 @@ pub struct EngineConfig {
     pub metrics: Option<Arc<Metrics>>,
     /// Told of each stored piece.
     pub on_have: Option<HaveFn>,
+    /// Stay in the task's swarm after the download (a daemon that uploads).
+    pub linger: bool,
 }
 
 impl EngineConfig {
@@ -109,6 +111,7 @@ impl EngineConfig {
             limiters: Vec::new(),
             metrics: None,
             on_have: None,
+            linger: false,
         }
     }
 }
@@ -177,6 +180,8 @@ pub struct Outcome {
     pub sink: Arc<dyn PieceSink>,
     /// The supernode that seeded it.
     pub supernode: SocketAddr,
+    /// Kept membership in the swarm, when the configuration asked to linger.
+    pub presence: Option<Presence>,
 }
 
 /// Orders supernodes for a task by rendezvous hashing: every node computes the same order, so
@@ -206,10 +211,21 @@ pub async fn download(
     make_sink: SinkFactory,
     progress: Option<ProgressFn>,
 ) -> Result<Outcome, GetError> {
+    let linger = cfg.linger;
     let mut engine = Engine::new(pool, reg, cfg, progress, make_sink);
-    let result = engine.run(supernodes).await;
-    engine.shutdown().await;
+    let mut result = engine.run(supernodes).await;
+    let presence = engine.shutdown(linger && result.is_ok()).await;
+    if let Ok(o) = result.as_mut() {
+        o.presence = presence.map(|s| Presence { _control: s });
+    }
     result
+}
+
+/// A completed download's membership in its swarm: while this lives, the supernode keeps the
+/// node as a holder of every piece and hands it out as a parent. Dropping it leaves.
+pub struct Presence {
+    /// Held, never written: the open stream is the membership.
+    _control: quinn::SendStream,
 }
 
 enum Event {
@@ -469,19 +485,25 @@ impl<'a> Engine<'a> {
     }
 
     /// Says goodbye and stops everything still running.
-    async fn shutdown(&mut self) {
+    /// Stops everything still running. When lingering, the control stream to the seed stays
+    /// open and is returned; otherwise it says goodbye.
+    async fn shutdown(&mut self, linger: bool) -> Option<quinn::SendStream> {
         for p in self.parents.values() {
             p.task.abort();
         }
         self.inflight.abort_all();
         if let Some(mut link) = self.seed.take() {
             link.reader.abort();
+            if linger {
+                return Some(link.send);
+            }
             let bye = Control::Goodbye(d7q_wire::Goodbye {
                 reason: "done".into(),
             });
             let _ = proto::write_msg(&mut link.send, &bye).await;
             let _ = link.send.finish();
         }
+        None
     }
 
     async fn send_seed(&mut self, msg: &Control) {
@@ -527,7 +549,16 @@ impl<'a> Engine<'a> {
                                         }
                                     }
                                 }
-                                Control::PieceDigests(pd) if pd.task == task => self.handle_digests(pd)?,
+                                Control::PieceDigests(pd) if pd.task == task => {
+                                    let resumed = self.handle_digests(pd)?;
+                                    if !resumed.is_empty() {
+                                        // Pieces kept from before a restart: the swarm may fetch them here.
+                                        if let Some(h) = &self.cfg.on_have {
+                                            resumed.iter().for_each(|&i| h(i));
+                                        }
+                                        self.send_seed(&Control::Have(Have { task, pieces: resumed })).await;
+                                    }
+                                }
                                 Control::Parents(p) if p.task == task => self.handle_parents(p.parents),
                                 Control::TaskComplete(c) if c.task == task => {
                                     if self.complete.is_some_and(|old| old != c.sha256) {
@@ -587,7 +618,9 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn handle_digests(&mut self, pd: d7q_wire::PieceDigests) -> Result<(), Stop> {
+    /// Records digests from the seed; returns the pieces that were already stored and match.
+    fn handle_digests(&mut self, pd: d7q_wire::PieceDigests) -> Result<Vec<u32>, Stop> {
+        let mut resumed_now = Vec::new();
         let r = self
             .run
             .as_mut()
@@ -617,9 +650,10 @@ impl<'a> Engine<'a> {
                 r.picker.handle_done(idx);
                 r.done.set(idx);
                 r.bytes_done += r.geometry.piece_len(idx) as u64;
+                resumed_now.push(idx);
             }
         }
-        Ok(())
+        Ok(resumed_now)
     }
 
     fn start(&mut self, g: Geometry, factory: SinkFactory) -> Result<Running, GetError> {
@@ -767,7 +801,8 @@ impl<'a> Engine<'a> {
             }
             Err(e) => {
                 debug!(source = src.0, piece = i, error = %e, "piece failed");
-                if let Some(m) = &self.cfg.metrics {
+                let busy_seed = src == SEED && matches!(e, PieceError::Refused(PieceStatus::Busy));
+                if let (Some(m), false) = (&self.cfg.metrics, busy_seed) {
                     m.piece_failures(e.reason()).inc();
                 }
                 r.picker.handle_failed(src, i);
@@ -913,6 +948,7 @@ impl<'a> Engine<'a> {
             from_peers: self.from_peers,
             sink: r.sink,
             supernode: self.seed_addr.expect("a seed was attached"),
+            presence: None,
         })
     }
 }

@@ -233,6 +233,10 @@ async fn piece<S: PieceStore>(
         return;
     }
     let _ = send.finish();
-    cfg.metrics.upload_bytes().add(n);
-    let _ = send.stopped().await;
+    // Counted once the peer has it all; a request it cancelled (an endgame duplicate, a piece
+    // it got elsewhere first) is not an upload.
+    if let Ok(None) = send.stopped().await {
+        cfg.metrics.upload_bytes().add(n);
+        cfg.metrics.pieces_served().inc();
+    }
 }
