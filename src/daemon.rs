@@ -81,6 +81,8 @@ impl Default for GcSettings {
     }
 }
 
+/// Complete tasks offered to their swarms after a restart, most recently used first.
+pub const MAX_ANNOUNCED: usize = 256;
 /// How often running downloads' metadata is saved.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the store is checked against the watermarks and the TTL.
@@ -212,6 +214,7 @@ impl Daemon {
         tokio::spawn(accept(endpoint, inner.clone()));
         tokio::spawn(collect_garbage(inner.clone()));
         tokio::spawn(flush_metadata(inner.clone()));
+        tokio::spawn(announce_stored(inner.clone()));
         Ok(Self { inner, mesh, proxy })
     }
 
@@ -276,6 +279,58 @@ async fn accept(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
                 _ => conn.close(transport::close::VERSION, b"unsupported protocol"),
             }
         });
+    }
+}
+
+/// After a restart, offers what the store kept: each complete task (the most recently used
+/// first, up to [`MAX_ANNOUNCED`]) joins its swarm on its home supernode as a holder, so the
+/// supernode hands this daemon out as a parent again.
+async fn announce_stored(inner: Arc<Inner>) {
+    let mut complete: Vec<_> = inner
+        .store
+        .list()
+        .into_iter()
+        .filter(|e| e.complete)
+        .collect();
+    complete.sort_by(|a, b| b.last_access.cmp(&a.last_access));
+    for e in complete.into_iter().take(MAX_ANNOUNCED) {
+        let Some(live) = inner.live.lock().expect("live lock").get(&e.task).cloned() else {
+            continue;
+        };
+        let Some(&home) = engine::rendezvous(e.task, &inner.cfg.supernodes).first() else {
+            return;
+        };
+        let announced = async {
+            let conn = inner.pool.get(home).await.ok()?;
+            let (mut send, mut recv) = crate::proto::open_control(&conn).await.ok()?;
+            let hello = d7q_wire::Control::Hello(d7q_wire::Hello {
+                major: d7q_wire::MAJOR_VERSION,
+                minor: d7q_wire::MINOR_VERSION,
+                node_id: inner.node_id,
+                labels: inner.cfg.labels.clone(),
+                upload_addr: Some(inner.cfg.advertise.unwrap_or(inner.cfg.listen)),
+                capabilities: d7q_wire::Capabilities(d7q_wire::Capabilities::UPLOAD),
+            });
+            crate::proto::write_msg(&mut send, &hello).await.ok()?;
+            match crate::proto::expect_msg::<d7q_wire::Control>(&mut recv)
+                .await
+                .ok()?
+            {
+                d7q_wire::Control::HelloAck(_) => {}
+                _ => return None,
+            }
+            let bitmap = live.entry.bitmap();
+            let msg = d7q_wire::Control::Announce(d7q_wire::BitmapUpdate {
+                task: e.task,
+                bitmap,
+            });
+            crate::proto::write_msg(&mut send, &msg).await.ok()?;
+            Some((send, recv))
+        };
+        if let Some((send, recv)) = announced.await {
+            *live.presence.lock().expect("presence lock") =
+                Some(engine::Presence::new(send, Some(recv)));
+        }
     }
 }
 

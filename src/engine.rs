@@ -216,7 +216,7 @@ pub async fn download(
     let mut result = engine.run(supernodes).await;
     let presence = engine.shutdown(linger && result.is_ok()).await;
     if let Ok(o) = result.as_mut() {
-        o.presence = presence.map(|s| Presence { _control: s });
+        o.presence = presence.map(|s| Presence::new(s, None));
     }
     result
 }
@@ -226,6 +226,18 @@ pub async fn download(
 pub struct Presence {
     /// Held, never written: the open stream is the membership.
     _control: quinn::SendStream,
+    /// Held so the supernode's half is not stopped (which would end the stream).
+    _answers: Option<quinn::RecvStream>,
+}
+
+impl Presence {
+    /// Membership held by an open control stream that announced or registered the task.
+    pub fn new(control: quinn::SendStream, answers: Option<quinn::RecvStream>) -> Self {
+        Self {
+            _control: control,
+            _answers: answers,
+        }
+    }
 }
 
 enum Event {

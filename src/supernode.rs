@@ -371,6 +371,28 @@ impl Inner {
                         t.with_swarm(|s| s.handle_bitmap(peer.node, &b.bitmap));
                     }
                 }
+                Control::Announce(b) => {
+                    // A holder offering what it kept; it never starts an origin download.
+                    let t = self.tasks.lock().expect("tasks lock").get(&b.task).cloned();
+                    let Some(t) = t else { continue };
+                    let fits = t
+                        .progress
+                        .borrow()
+                        .meta
+                        .is_some_and(|m| m.piece_count == b.bitmap.len());
+                    if fits {
+                        t.with_swarm(|s| {
+                            s.handle_join(
+                                peer.node,
+                                peer.addr,
+                                peer.labels.clone(),
+                                Instant::now(),
+                            );
+                            s.handle_bitmap(peer.node, &b.bitmap);
+                        });
+                        registered.push(t);
+                    }
+                }
                 Control::BadPeer(r) => {
                     if let Some(t) = registered.iter().find(|t| t.id == r.task) {
                         warn!(reporter = %peer.node, suspect = %r.peer, reason = ?r.reason, "bad peer reported");

@@ -372,3 +372,34 @@ async fn two_clients_of_one_daemon_share_one_download() {
     );
     assert_eq!(origin.gets("layer.bin"), 1, "origin GETs");
 }
+
+/// After a restart a daemon offers what its store kept to the task's swarm: a daemon that
+/// arrives later takes pieces from it, not only from the supernode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_is_a_parent_for_what_it_kept() {
+    const LEN: u64 = 32 * MIB;
+    let env = Env::new();
+    let origin = env.origin().await;
+    let expected = origin.file("kept.bin", LEN);
+    let url = origin.url("kept.bin");
+    let (_ca, pkis) = env.ca("cluster", &["sn", "a", "b"]).await;
+    let sn = env.supernode(&pkis[0], Some(&origin.ca_file)).await;
+    let out = env.dir("out");
+
+    let mut a = env.daemon(&pkis[1], &[&sn], &[]).await;
+    get_via(&env, &url, &out.join("first"), &a).await.ok();
+    a.kill().await;
+    drop(a);
+    let a = env.daemon(&pkis[1], &[&sn], &[]).await;
+
+    let b = env.daemon(&pkis[2], &[&sn], &[]).await;
+    get_via(&env, &url, &out.join("second"), &b).await.ok();
+    assert_copy(&out.join("second"), &expected);
+    let from_peers = b.metric(common::PEER_BYTES).await;
+    assert!(
+        from_peers > 0.0,
+        "the restarted daemon was never a parent: b got nothing from peers\n{}",
+        a.log()
+    );
+    assert_eq!(origin.gets("kept.bin"), 1);
+}

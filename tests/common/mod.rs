@@ -548,6 +548,8 @@ pub fn downloaded(metrics: &std::collections::BTreeMap<String, f64>) -> f64 {
         .sum()
 }
 
+/// `d7q_download_bytes_total{source="peer"}`.
+pub const PEER_BYTES: &str = "d7q_download_bytes_total{source=\"peer\"}";
 /// `d7q_piece_failures_total{reason="digest_mismatch"}`.
 pub const DIGEST_MISMATCHES: &str = "d7q_piece_failures_total{reason=\"digest_mismatch\"}";
 /// `d7q_upload_bytes_total`.

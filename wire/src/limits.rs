@@ -74,7 +74,7 @@ impl Bounded for Control {
                 p.parents.iter().try_for_each(|p| labels(&p.labels))
             }
             Control::Have(h) => at_most("have list", h.pieces.len(), MAX_PIECE_COUNT as usize),
-            Control::Bitmap(_) => Ok(()), // checked while decoding
+            Control::Bitmap(_) | Control::Announce(_) => Ok(()), // checked while decoding
             Control::Error(e) => at_most("error message", e.message.len(), MAX_STRING_LEN),
             Control::Goodbye(g) => at_most("goodbye reason", g.reason.len(), MAX_STRING_LEN),
         }

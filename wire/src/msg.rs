@@ -312,6 +312,10 @@ pub enum Control {
     BadPeer(BadPeerReport),
     /// See [`Goodbye`].
     Goodbye(Goodbye),
+    /// The sender holds these pieces of a task it did not register on this connection (a
+    /// restarted daemon offering what its store kept): join the task's swarm as a holder.
+    /// Never starts a download from the origin.
+    Announce(BitmapUpdate),
 }
 
 /// The one message of a piece stream's request side: "send me piece `index` of `task`".

@@ -425,6 +425,24 @@ fn goodbye() {
 }
 
 #[test]
+fn announce() {
+    let mut bitmap = Bitmap::new(3);
+    bitmap.set(0);
+    bitmap.set(2);
+    let msg = Control::Announce(BitmapUpdate { task: TASK, bitmap });
+    check(
+        &msg,
+        r"
+        0c                                              # Control::Announce
+        a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 aa ab ac ad ae af # task
+        03                                              # bitmap.len: 3 pieces
+        01                                              # bitmap.words: 1 word
+        05                                              #   0b101: pieces 0 and 2
+        ",
+    );
+}
+
+#[test]
 fn piece_request() {
     let msg = PieceRequest {
         task: TASK,
@@ -545,7 +563,7 @@ fn piece_header() {
 
 #[test]
 fn control_variant_indices() {
-    let variants: [(u8, Control); 12] = [
+    let variants: [(u8, Control); 13] = [
         (
             0,
             Control::Hello(Hello {
@@ -644,6 +662,13 @@ fn control_variant_indices() {
             11,
             Control::Goodbye(Goodbye {
                 reason: String::new(),
+            }),
+        ),
+        (
+            12,
+            Control::Announce(BitmapUpdate {
+                task: TASK,
+                bitmap: Bitmap::new(0),
             }),
         ),
     ];
