@@ -292,7 +292,7 @@ async fn announce_stored(inner: Arc<Inner>) {
         .into_iter()
         .filter(|e| e.complete)
         .collect();
-    complete.sort_by(|a, b| b.last_access.cmp(&a.last_access));
+    complete.sort_by_key(|e| std::cmp::Reverse(e.last_access));
     for e in complete.into_iter().take(MAX_ANNOUNCED) {
         let Some(live) = inner.live.lock().expect("live lock").get(&e.task).cloned() else {
             continue;
