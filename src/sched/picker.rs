@@ -280,38 +280,6 @@ impl PiecePicker {
         self.count - self.done_count
     }
 
-    /// Today's single-source picker: one implicit source, `SourceId(0)`, pieces in order.
-    // Until peer.rs moves to sources.
-    #[doc(hidden)]
-    pub fn single_source(piece_count: u32) -> Self {
-        let mut p = Self::new(
-            piece_count,
-            PickerConfig {
-                max_in_flight_per_source: usize::MAX,
-                streaming_window: piece_count,
-                endgame: false,
-                seed: 0,
-            },
-        );
-        p.set_read_position(Some(0));
-        p
-    }
-
-    /// Digest of piece `i` known and `SourceId(0)` has it.
-    // Until peer.rs moves to sources.
-    #[doc(hidden)]
-    pub fn handle_available(&mut self, i: u32) {
-        self.handle_digest(i);
-        self.handle_source_have(SourceId(0), i);
-    }
-
-    /// [`poll_request`](Self::poll_request) for `SourceId(0)`.
-    // Until peer.rs moves to sources.
-    #[doc(hidden)]
-    pub fn poll_next(&mut self) -> Option<u32> {
-        self.poll_request(SourceId(0))
-    }
-
     fn source_mut(&mut self, src: SourceId) -> &mut Source {
         let count = self.count;
         self.sources.entry(src).or_insert_with(|| Source {
@@ -924,31 +892,6 @@ mod tests {
             }
         }
         assert_eq!(requests, n, "no duplicates outside endgame");
-        assert_eq!(p.poll_cancel(), None);
-    }
-
-    #[test]
-    fn single_source_compat_picks_in_order() {
-        let mut p = PiecePicker::single_source(4);
-        assert_eq!(p.poll_next(), None);
-        p.handle_available(1);
-        assert_eq!(p.poll_next(), Some(1));
-        p.handle_available(0);
-        p.handle_available(2);
-        assert_eq!(p.poll_next(), Some(0));
-        assert_eq!(p.poll_next(), Some(2));
-        assert_eq!(p.poll_next(), None);
-        p.handle_failed(SourceId(0), 1);
-        assert_eq!(p.poll_next(), Some(1));
-        for i in 0..3 {
-            p.handle_done(i);
-        }
-        assert!(!p.is_complete());
-        p.handle_available(3);
-        assert_eq!(p.poll_next(), Some(3));
-        p.handle_done(3);
-        assert!(p.is_complete());
-        assert_eq!(p.poll_next(), None);
         assert_eq!(p.poll_cancel(), None);
     }
 }
