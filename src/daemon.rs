@@ -81,6 +81,8 @@ impl Default for GcSettings {
     }
 }
 
+/// Connections from other nodes served at once.
+pub const MAX_PEER_CONNECTIONS: usize = 1024;
 /// Complete tasks offered to their swarms after a restart, most recently used first.
 pub const MAX_ANNOUNCED: usize = 256;
 /// How often running downloads' metadata is saved.
@@ -251,9 +253,15 @@ impl Daemon {
 }
 
 async fn accept(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
         let inner = inner.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,

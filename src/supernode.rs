@@ -38,10 +38,14 @@ use crate::{admin, proto};
 
 /// Pieces an ingest may have buffered between the network and the disk writer.
 pub const INGEST_QUEUE_PIECES: usize = 4;
+/// Origin downloads running at once; further tasks wait their turn.
+pub const MAX_CONCURRENT_INGESTS: usize = 32;
 /// Piece reads served at once, across all connections.
 pub const MAX_CONCURRENT_UPLOADS: usize = 64;
 /// Connections handled at once.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Tasks one control stream may register or announce (a daemon uses one stream per task).
+pub const MAX_TASKS_PER_STREAM: usize = 64;
 /// How often a peer's parents are reconsidered.
 pub const PARENTS_INTERVAL: Duration = Duration::from_millis(500);
 /// Control messages queued toward one peer before we stop reading from it.
@@ -79,6 +83,7 @@ struct Inner {
     tasks_dir: PathBuf,
     tasks: Mutex<HashMap<TaskId, Arc<SeedTask>>>,
     uploads: Semaphore,
+    ingests: Semaphore,
     origin_limiter: RateLimiter,
     metrics: Arc<Metrics>,
     connections: Arc<Semaphore>,
@@ -171,6 +176,7 @@ impl Supernode {
             tasks_dir,
             tasks: Mutex::new(HashMap::new()),
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            ingests: Semaphore::new(MAX_CONCURRENT_INGESTS),
             origin_limiter: RateLimiter::new(cfg.origin_rate),
             metrics: cfg.metrics.clone(),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -349,6 +355,17 @@ impl Inner {
                 Err(e) => break Err(e.into()),
             };
             match msg {
+                Control::Register(_) | Control::Announce(_)
+                    if registered.len() >= MAX_TASKS_PER_STREAM =>
+                {
+                    let err = error_msg(
+                        None,
+                        ErrorCode::Overloaded,
+                        "too many tasks on one control stream",
+                    );
+                    let _ = tx.send(Control::Error(err)).await;
+                    break Ok(());
+                }
                 Control::Register(reg) => match self.register(reg) {
                     Ok(task) => {
                         registered.push(task.clone());
@@ -477,6 +494,8 @@ impl Inner {
         range: Option<ByteRange>,
     ) {
         let data_path = self.tasks_dir.join(format!("{}.data", task.id));
+        // Bounded: each ingest holds piece buffers and an origin connection.
+        let _permit = self.ingests.acquire().await;
         self.metrics.tasks(TaskState::Running).inc();
         let result = self
             .ingest_inner(&task, &url, &headers, expected, range, &data_path)

@@ -37,6 +37,9 @@ pub struct Args {
     /// Where to write the CA certificate (PEM) the clients must trust.
     #[arg(long)]
     pub ca_out: PathBuf,
+    /// Offer HTTP/1.1 only (default: h2 and HTTP/1.1).
+    #[arg(long)]
+    pub http1_only: bool,
 }
 
 /// The origin's answer to `stats PATH`.
@@ -99,6 +102,7 @@ async fn serve(args: &Args) -> Result<()> {
         .bind(args.listen)
         .tls(&ca)
         .extra_name(args.listen.ip().to_string())
+        .http2(!args.http1_only)
         .start()
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

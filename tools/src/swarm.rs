@@ -27,7 +27,7 @@
 //!
 //! Not measured here: loss and delay (row d; this kernel has no netem), BitTorrent (row e).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -147,6 +147,9 @@ pub struct Args {
     /// What counts as idle, in busy cores.
     #[arg(long, default_value_t = 0.3)]
     idle_cores: f64,
+    /// The origin speaks HTTP/1.1 only (default: it offers h2 too, and the supernode takes it).
+    #[arg(long)]
+    origin_http1: bool,
     /// Only remove what an interrupted run left: its namespaces and the processes in them.
     #[arg(long)]
     cleanup: bool,
@@ -344,6 +347,8 @@ struct Report {
     rows: &'static str,
     file_bytes: u64,
     links: LinkRates,
+    /// Whether the origin offered HTTP/2 (the supernode then fetches over it).
+    origin_http2: bool,
     mtu: u32,
     tbf: TbfParams,
     rounds: usize,
@@ -421,6 +426,8 @@ struct MeshRun {
     from_supernode_bytes: u64,
     from_origin_bytes: u64,
     uploaded_bytes: u64,
+    /// Each daemon's own counters, p1 first.
+    per_peer: Vec<DaemonBytes>,
     /// When the origin had sent the whole file (its count, polled every
     /// [`ORIGIN_POLL`]): about when the supernode had it all.
     origin_sent_file_s: Option<f64>,
@@ -468,6 +475,8 @@ struct Traffic {
     cpu_softirq_cores: f64,
     /// CPU seconds of the origin process.
     origin_cpu_s: f64,
+    /// Every node's link, by name.
+    links: BTreeMap<String, LinkCounters>,
 }
 
 /// Fixed for the whole benchmark.
@@ -486,6 +495,7 @@ struct Ctx {
     daemon_listen_any: bool,
     idle_wait: Duration,
     idle_cores: f64,
+    origin_http1: bool,
 }
 
 async fn bench(
@@ -542,6 +552,7 @@ async fn bench(
         daemon_listen_any: args.daemon_listen_any,
         idle_wait: Duration::from_secs(args.idle_wait_secs),
         idle_cores: args.idle_cores,
+        origin_http1: args.origin_http1,
     };
     let load_before = util::load_average();
     let mut runs: HashMap<usize, (Vec<MeshRun>, Vec<DirectRun>)> = HashMap::new();
@@ -579,6 +590,7 @@ async fn bench(
         rows: "a, b",
         file_bytes: bytes,
         links: rates,
+        origin_http2: !args.origin_http1,
         mtu: netns::MTU,
         tbf: TbfParams {
             queue_ms: args.queue_ms,
@@ -780,9 +792,12 @@ impl Ctx {
         let daemons_cpu_s: f64 = daemons.iter().map(cpu_of).sum();
         let supernode_cpu_s = cpu_of(&supernode);
         let mut bytes = DaemonBytes::default();
+        let mut per_peer = Vec::new();
         for i in 1..=n {
             let text = self.scrape(&format!("p{i}")).await?;
-            bytes.add(&DaemonBytes::parse(&text));
+            let one = DaemonBytes::parse(&text);
+            bytes.add(&one);
+            per_peer.push(one);
         }
         for c in daemons.iter_mut().chain(std::iter::once(&mut supernode)) {
             let _ = c.start_kill();
@@ -820,6 +835,7 @@ impl Ctx {
             from_supernode_bytes: bytes.from_supernode,
             from_origin_bytes: bytes.from_origin,
             uploaded_bytes: bytes.uploaded,
+            per_peer,
             origin_sent_file_s,
             daemons_cpu_s,
             supernode_cpu_s,
@@ -972,6 +988,7 @@ impl OriginProc {
             .args(["--listen", &format!("{}:{ORIGIN_PORT}", topo.addr(ORIGIN)?)])
             .arg("--ca-out")
             .arg(&ca)
+            .args(ctx.origin_http1.then_some("--http1-only"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
@@ -1071,6 +1088,7 @@ impl Snapshot {
             cpu_busy_cores: busy,
             cpu_softirq_cores: softirq,
             origin_cpu_s: self.origin_cpu.since(before.origin_cpu).total(),
+            links: self.links.keys().map(|k| (k.clone(), link(k))).collect(),
         }
     }
 }
@@ -1115,7 +1133,7 @@ impl MachineCpu {
 }
 
 /// The byte counters of one daemon's `/metrics`, or their sum over several.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 struct DaemonBytes {
     from_peer: u64,
     from_supernode: u64,
