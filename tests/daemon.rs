@@ -403,3 +403,58 @@ async fn a_restarted_daemon_is_a_parent_for_what_it_kept() {
     );
     assert_eq!(origin.gets("kept.bin"), 1);
 }
+
+/// A supernode's back-to-source budget holds across two origin downloads at once: its origin
+/// byte counter over every interval stays within the rate (generous tolerance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_back_to_source_budget_holds_across_origin_downloads() {
+    const LEN: u64 = 24 * MIB;
+    const RATE: f64 = (8 * MIB) as f64;
+    let env = Env::new();
+    let origin = env.origin().await;
+    let sha_a = origin.file("a.bin", LEN);
+    let sha_b = origin.file("b.bin", LEN);
+    let (_ca, pkis) = env.ca("cluster", &["sn", "c"]).await;
+    let sn = env
+        .supernode_with(
+            &pkis[0],
+            Some(&origin.ca_file),
+            &["--back-to-source-rate", "8MiB"],
+        )
+        .await;
+    let metrics = sn.metrics.expect("the supernode reports a metrics address");
+    let out = env.dir("out");
+    let get = |name: &'static str| {
+        env.get(&origin.url(name), &out.join(name))
+            .via(&sn, &pkis[1])
+            .run()
+    };
+    let gets = futures_util::future::join(get("a.bin"), get("b.bin"));
+    tokio::pin!(gets);
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(SAMPLE);
+    let (a, b) = loop {
+        tokio::select! {
+            out = &mut gets => break out,
+            _ = tick.tick() => {
+                let m = common::scrape(metrics).await;
+                samples.push(Sample {
+                    at: Instant::now(),
+                    bytes: m.get("d7q_origin_bytes_total").copied().unwrap_or(0.0),
+                    running: m.get("d7q_tasks{state=\"running\"}").copied().unwrap_or(0.0),
+                });
+            }
+        }
+    };
+    a.ok();
+    b.ok();
+    assert_copy(&out.join("a.bin"), &sha_a);
+    assert_copy(&out.join("b.bin"), &sha_b);
+    let both: Vec<Sample> = samples.into_iter().filter(|s| s.running >= 2.0).collect();
+    let (pairs, highest) = assert_within_budget("origin", &both, RATE, (2 * MIB) as f64);
+    assert!(
+        pairs > 0,
+        "no interval with both origin downloads running: {both:?}"
+    );
+    eprintln!("back-to-source budget {RATE} B/s: highest {highest:.0} B/s over {pairs} intervals");
+}

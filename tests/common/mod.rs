@@ -67,6 +67,8 @@ pub struct Supernode {
     child: Child,
     /// The mesh address from the `ready mesh=…` line.
     pub mesh: SocketAddr,
+    /// Its `/metrics` address, from the `ready` line.
+    pub metrics: Option<SocketAddr>,
     /// The whole `ready` line.
     pub ready_line: String,
     log: PathBuf,
@@ -231,6 +233,16 @@ impl Env {
     /// Starts `d7q supernode` on a free port with identity `pki`, trusting `origin_ca` for
     /// origins, and waits for its `ready mesh=…` line.
     pub async fn supernode(&self, pki: &Path, origin_ca: Option<&Path>) -> Supernode {
+        self.supernode_with(pki, origin_ca, &[]).await
+    }
+
+    /// [`Env::supernode`] with `extra` flags.
+    pub async fn supernode_with(
+        &self,
+        pki: &Path,
+        origin_ca: Option<&Path>,
+        extra: &[&str],
+    ) -> Supernode {
         let name = pki.file_name().and_then(|n| n.to_str()).unwrap_or("sn");
         let data = self.dir(&format!("supernode-data-{name}"));
         let log = self.path().join(format!("supernode-{name}.log"));
@@ -250,6 +262,7 @@ impl Env {
         if let Some(ca) = origin_ca {
             cmd.arg("--origin-ca").arg(ca);
         }
+        cmd.args(extra);
         cmd.stdout(Stdio::piped()).stderr(Stdio::from(log_file));
         let mut child = cmd.spawn().expect("spawn supernode");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -282,9 +295,11 @@ impl Env {
             .unwrap_or_else(|| panic!("no mesh=ADDR in the ready line {line:?}"));
         // Keep draining stdout so the supernode never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let metrics = field(&line, "metrics").and_then(|v| v.parse().ok());
         Supernode {
             child,
             mesh,
+            metrics,
             ready_line: line,
             log,
         }
@@ -479,22 +494,7 @@ impl Daemon {
 
     /// Its Prometheus metrics, parsed into `name{labels}` → value.
     pub async fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
-        use tokio::io::AsyncWriteExt;
-        let mut s = tokio::net::TcpStream::connect(self.proxy)
-            .await
-            .expect("metrics connect");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: d7q\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("metrics request");
-        let mut body = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
-            .await
-            .expect("metrics read");
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' '))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect()
+        scrape(self.proxy).await
     }
 
     /// Stops the daemon (SIGKILL).
@@ -777,4 +777,25 @@ fn read_lossy(path: &Path) -> String {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Scrapes a `/metrics` endpoint, parsed into `name{labels}` → value.
+pub async fn scrape(addr: SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics connect");
+
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: d7q\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("metrics request");
+    let mut body = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
+        .await
+        .expect("metrics read");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
 }
