@@ -110,6 +110,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
     t.send_window(CONNECTION_RECEIVE_WINDOW as u64);
     t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.send_fairness(false);
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout in range"),
     ));

@@ -497,7 +497,14 @@ async fn start_supernode(
 ) -> Result<(Child, SocketAddr)> {
     let log = std::fs::File::create(tmp.join(SUPERNODE_LOG))?;
     let mut child = Command::new(d7q)
-        .args(["supernode", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "supernode",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(store)
         .arg("--pki")
         .arg(pki)
@@ -512,7 +519,8 @@ async fn start_supernode(
     let mut lines = BufReader::new(child.stdout.take().context("supernode stdout")?).lines();
     let ready = tokio::time::timeout(READY_TIMEOUT, async {
         while let Some(line) = lines.next_line().await? {
-            if let Some(addr) = line.trim().strip_prefix("ready mesh=") {
+            if let Some(rest) = line.trim().strip_prefix("ready mesh=") {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
                 return Ok::<_, anyhow::Error>(Some(addr.parse::<SocketAddr>()?));
             }
         }
