@@ -359,6 +359,8 @@ struct Report {
     /// Where the stores and outputs lived (a tmpfs keeps disk writes out of the timing).
     tmp_dir: String,
     d7q_binary: String,
+    /// `git describe` of the working tree the benchmark ran in, `-dirty` with local changes.
+    git: Option<String>,
     cpus: usize,
     /// One-minute load average before and after.
     load_average: [Option<f64>; 2],
@@ -506,6 +508,7 @@ async fn bench(
     tmp: &Path,
 ) -> Result<Report> {
     let started = Instant::now();
+    let git = git_describe();
     // Copies of both binaries, so a rebuild during a long run cannot mix versions.
     let bin = tmp.join("bin");
     std::fs::create_dir(&bin)?;
@@ -609,6 +612,7 @@ async fn bench(
         },
         tmp_dir: tmp.display().to_string(),
         d7q_binary: d7q.display().to_string(),
+        git,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_average: [load_before, util::load_average()],
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -1319,6 +1323,17 @@ fn copy_logs(dir: &Path, dest: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `git describe --always --dirty` of the current directory, if it is a checkout.
+fn git_describe() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Whether this process runs as root (uid 0).
