@@ -7,6 +7,7 @@
 //! - [`daemon`]: the per-host peer — downloads for local clients, keeps a store, uploads.
 //! - [`engine`]: one download from the seed and parent peers, every piece verified.
 //! - [`upload`]: serving stored pieces and their availability to other peers.
+//! - [`blobs`]: blobs streamed out of the mesh in order, what the proxy asks of the daemon.
 //! - [`local`]: the daemon's Unix-socket API for `d7q get`.
 //! - [`peer`]: `d7q get` without a daemon, into a temporary file renamed into place.
 //! - [`embedded`]: the zero-setup default, a peer and a supernode in one process.
@@ -26,6 +27,7 @@
 //! The wire format lives in the `d7q-wire` crate; network emulation in `d7q-netsim`.
 
 pub mod admin;
+pub mod blobs;
 pub mod cli;
 pub mod config;
 pub mod daemon;
