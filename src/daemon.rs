@@ -4,13 +4,17 @@
 //! metadata and serves what the store already holds.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use d7q_wire::{Bitmap, Labels, NodeId, Register, Sha256, TaskId};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::engine::{self, ConnPool, EngineConfig, PieceSink};
@@ -23,6 +27,7 @@ use crate::store::tasks::{PinGuard, TaskEntry, TaskStore};
 use crate::store::StoreError;
 use crate::task::{self, Geometry};
 use crate::upload::{self, PieceStore, UploadConfig};
+use crate::blobs::{self, Blob, BlobError, BlobRequest, BlobSource, MeshBlobs};
 use crate::{admin, config, exit, local, transport};
 
 /// Capacity of a task's `Have` feed toward subscribed children; a child that falls further
@@ -109,6 +114,8 @@ struct Inner {
     live: Mutex<HashMap<TaskId, Arc<LiveTask>>>,
     /// Downloads in progress, shared by every local client asking for the same task.
     running: Mutex<HashMap<TaskId, watch::Receiver<State>>>,
+    /// Where streaming clients of running downloads read, toward each download's picker.
+    positions: Mutex<HashMap<TaskId, Arc<watch::Sender<Option<u64>>>>>,
     started: Instant,
 }
 
@@ -203,11 +210,13 @@ impl Daemon {
             metrics: metrics.clone(),
             live: Mutex::new(live),
             running: Mutex::new(HashMap::new()),
+            positions: Mutex::new(HashMap::new()),
             started: Instant::now(),
             cfg,
         });
         let socket = local::bind(&inner.cfg.socket)?;
         tokio::spawn(local::serve(socket, Daemon::handle(inner.clone())));
+        // LEAD note for the proxy: the mesh side is `mesh_blobs(&inner)` (an Arc<dyn MeshBlobs>).
         tokio::spawn(crate::metrics::serve(
             http,
             metrics,
@@ -232,6 +241,11 @@ impl Daemon {
     /// The HTTP address.
     pub fn proxy_addr(&self) -> SocketAddr {
         self.proxy
+    }
+
+    /// Blobs through this daemon's mesh, streamed in order (what the proxy serves).
+    pub fn blobs(&self) -> Arc<dyn MeshBlobs> {
+        mesh_blobs(&self.inner)
     }
 
     /// The daemon's metrics.
@@ -443,6 +457,11 @@ impl Inner {
         let (tx, rx) = watch::channel(State::Running(0, 0));
         running.insert(id, rx.clone());
         drop(running);
+        let (pos_tx, pos_rx) = watch::channel(None);
+        self.positions
+            .lock()
+            .expect("positions lock")
+            .insert(id, Arc::new(pos_tx));
         let reg = Register {
             task: id,
             url: req.url.clone(),
@@ -453,8 +472,9 @@ impl Inner {
         let inner = self.clone();
         tokio::spawn(
             async move {
-                let result = inner.download(reg, &tx).await;
+                let result = inner.download(reg, &tx, pos_rx).await;
                 inner.running.lock().expect("running lock").remove(&id);
+                inner.positions.lock().expect("positions lock").remove(&id);
                 let _ = tx.send(State::Done(result.map_err(Failure::from)));
             }
             .instrument(info_span!("download", task = %id)),
@@ -466,6 +486,7 @@ impl Inner {
         self: &Arc<Self>,
         reg: Register,
         tx: &watch::Sender<State>,
+        read_position: watch::Receiver<Option<u64>>,
     ) -> Result<Completed, GetError> {
         let id = reg.task;
         let url = reg.url.split('?').next().unwrap_or_default().to_string();
@@ -498,6 +519,7 @@ impl Inner {
             metrics: Some(self.metrics.clone()),
             on_have: Some(on_have),
             linger: true,
+            read_position: Some(read_position),
         };
         let txp = tx.clone();
         let progress: crate::peer::ProgressFn = Arc::new(move |done, total| {
@@ -624,6 +646,213 @@ impl admin::StatusSource for Inner {
                 uptime_secs: self.started.elapsed().as_secs(),
             },
             tasks,
+        }
+    }
+}
+
+/// The daemon's mesh as the proxy sees it: blobs by digest, streamed in order.
+fn mesh_blobs(inner: &Arc<Inner>) -> Arc<dyn MeshBlobs> {
+    Arc::new(DaemonBlobs(inner.clone()))
+}
+
+/// How long a blob reader waits for a piece before looking again (a `Have` may come before the
+/// piece reaches the disk, so the feed alone is not enough).
+const BLOB_POLL: Duration = Duration::from_millis(25);
+
+struct DaemonBlobs(Arc<Inner>);
+
+impl MeshBlobs for DaemonBlobs {
+    fn open(
+        &self,
+        req: BlobRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Blob, BlobError>> + Send + 'static>> {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.open_blob(req).await })
+    }
+}
+
+impl Inner {
+    /// Joins or starts the download of a blob and waits until its length is known.
+    async fn open_blob(self: Arc<Self>, req: BlobRequest) -> Result<Blob, BlobError> {
+        let digest = req.digest;
+        let id = task::task_id(&req.url, Some(&digest), None);
+        let mut state = self.clone().get(local::Request {
+            url: req.url,
+            headers: req.headers,
+            digest: Some(task::format_digest(&digest)),
+        });
+        loop {
+            let live = self.live.lock().expect("live lock").get(&id).cloned();
+            if let Some(live) = live {
+                let length = live.entry.geometry().length;
+                let complete = live.entry.is_complete();
+                let source = StoreBlob {
+                    inner: self.clone(),
+                    task: id,
+                    live,
+                    state,
+                    digest,
+                };
+                return Ok(Blob::new(length, digest, complete, Box::new(source)));
+            }
+            let now = state.borrow_and_update().clone();
+            match now {
+                State::Done(Err(f)) => return Err(blob_error(f)),
+                State::Done(Ok(_)) => {
+                    // Complete but no longer live (collected meanwhile): ask again.
+                    return Err(BlobError::Local("the blob left the store".into()));
+                }
+                State::Running(..) => {}
+            }
+            if state.changed().await.is_err() {
+                // The download ended; its last state is in the receiver.
+                if matches!(&*state.borrow(), State::Running(..)) {
+                    return Err(BlobError::Mesh("the download stopped".into()));
+                }
+            }
+        }
+    }
+}
+
+fn blob_error(f: Failure) -> BlobError {
+    match f.code {
+        exit::ORIGIN => BlobError::Origin(f.message),
+        exit::INTEGRITY => BlobError::Integrity(f.message),
+        exit::LOCAL => BlobError::Local(f.message),
+        _ => BlobError::Mesh(f.message),
+    }
+}
+
+/// One client's reading of a blob in the store, piece by piece as they are stored. The last
+/// bytes are held back until the whole content is verified against the digest, so a client
+/// never receives a complete body of wrong content.
+struct StoreBlob {
+    inner: Arc<Inner>,
+    task: TaskId,
+    live: Arc<LiveTask>,
+    state: watch::Receiver<State>,
+    digest: Sha256,
+}
+
+impl BlobSource for StoreBlob {
+    fn read(
+        &self,
+        range: Range<u64>,
+        tx: mpsc::Sender<Result<Bytes, BlobError>>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let reader = BlobReader {
+            inner: self.inner.clone(),
+            task: self.task,
+            entry: self.live.entry.clone(),
+            haves: self.live.haves.subscribe(),
+            state: self.state.clone(),
+            digest: self.digest,
+        };
+        Box::pin(async move {
+            if let Err(e) = reader.run(range, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        })
+    }
+}
+
+struct BlobReader {
+    inner: Arc<Inner>,
+    task: TaskId,
+    entry: Arc<TaskEntry>,
+    haves: broadcast::Receiver<u32>,
+    state: watch::Receiver<State>,
+    digest: Sha256,
+}
+
+impl BlobReader {
+    async fn run(
+        mut self,
+        range: Range<u64>,
+        tx: &mpsc::Sender<Result<Bytes, BlobError>>,
+    ) -> Result<(), BlobError> {
+        let g = self.entry.geometry();
+        let _pin = self.entry.pin();
+        let mut off = range.start;
+        while off < range.end {
+            let i = (off / u64::from(g.piece_size)) as u32;
+            self.tell_position(off);
+            self.wait_piece(i).await?;
+            let entry = self.entry.clone();
+            let piece = tokio::task::spawn_blocking(move || entry.read_piece(i))
+                .await
+                .map_err(|e| BlobError::Local(format!("read: {e}")))?
+                .map_err(|e| BlobError::Local(e.to_string()))?;
+            let start = g.offset(i);
+            let end = (start + piece.len() as u64).min(range.end);
+            let piece = Bytes::from(piece);
+            while off < end {
+                let n = (end - off).min(blobs::CHUNK as u64);
+                let at = (off - start) as usize;
+                if off + n == g.length {
+                    self.wait_verified().await?;
+                }
+                if tx.send(Ok(piece.slice(at..at + n as usize))).await.is_err() {
+                    return Ok(()); // the client went away
+                }
+                off += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn tell_position(&self, off: u64) {
+        let pos = self
+            .inner
+            .positions
+            .lock()
+            .expect("positions lock")
+            .get(&self.task)
+            .cloned();
+        if let Some(p) = pos {
+            p.send_replace(Some(off));
+        }
+    }
+
+    /// Waits until piece `i` is stored, or the download failed.
+    async fn wait_piece(&mut self, i: u32) -> Result<(), BlobError> {
+        loop {
+            if self.entry.has(i) {
+                return Ok(());
+            }
+            self.check_failed()?;
+            tokio::select! {
+                _ = self.haves.recv() => {}
+                _ = self.state.changed() => {}
+                _ = tokio::time::sleep(BLOB_POLL) => {}
+            }
+        }
+    }
+
+    /// Waits until the whole content is verified against the digest.
+    async fn wait_verified(&mut self) -> Result<(), BlobError> {
+        loop {
+            if self.entry.is_complete() {
+                return match self.entry.sha256() {
+                    Some(d) if d == self.digest => Ok(()),
+                    _ => Err(BlobError::Integrity(format!(
+                        "content does not match {}",
+                        task::format_digest(&self.digest)
+                    ))),
+                };
+            }
+            self.check_failed()?;
+            tokio::select! {
+                _ = self.state.changed() => {}
+                _ = tokio::time::sleep(BLOB_POLL) => {}
+            }
+        }
+    }
+
+    fn check_failed(&self) -> Result<(), BlobError> {
+        match &*self.state.borrow() {
+            State::Done(Err(f)) => Err(blob_error(f.clone())),
+            _ => Ok(()),
         }
     }
 }

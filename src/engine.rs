@@ -99,6 +99,8 @@ pub struct EngineConfig {
     pub on_have: Option<HaveFn>,
     /// Stay in the task's swarm after the download (a daemon that uploads).
     pub linger: bool,
+    /// Where a streaming client reads (a byte offset): pieces near it are fetched in order.
+    pub read_position: Option<tokio::sync::watch::Receiver<Option<u64>>>,
 }
 
 impl EngineConfig {
@@ -112,6 +114,7 @@ impl EngineConfig {
             metrics: None,
             on_have: None,
             linger: false,
+            read_position: None,
         }
     }
 }
@@ -530,6 +533,13 @@ impl<'a> Engine<'a> {
         let mut meta_seen = false;
         loop {
             if let Some(mut r) = self.run.take() {
+                if let Some(rp) = self.cfg.read_position.as_mut() {
+                    if rp.has_changed().unwrap_or(false) {
+                        let piece = u64::from(r.geometry.piece_size.max(1));
+                        let pos = rp.borrow_and_update().map(|b| (b / piece) as u32);
+                        r.picker.set_read_position(pos);
+                    }
+                }
                 self.dispatch(&mut r);
                 let finished = r.picker.is_complete() && self.complete.is_some();
                 if finished {
@@ -558,6 +568,10 @@ impl<'a> Engine<'a> {
                                         None => {
                                             let factory = self.make_sink.take().expect("sink made once");
                                             self.run = Some(self.start(g, factory)?);
+                                            // The length is known: a streaming client may start.
+                                            if let Some(p) = &self.progress {
+                                                p(0, g.length);
+                                            }
                                         }
                                     }
                                 }
@@ -622,6 +636,11 @@ impl<'a> Engine<'a> {
                         continue; // a request of a source we dropped
                     }
                     self.piece_result(src, i, result).await?;
+                }
+                changed = wait_changed(&mut self.cfg.read_position) => {
+                    if changed.is_err() {
+                        self.cfg.read_position = None; // the reader went away
+                    }
                 }
                 _ = tokio::time::sleep_until(registered + REGISTER_TIMEOUT), if !meta_seen => {
                     return Err(Stop::Lost(GetError::Mesh("supernode did not answer the registration in time".into())));
@@ -1051,6 +1070,16 @@ fn retry_delay(attempts: u32) -> Duration {
 
 /// Writes pieces through the sink. When the content has an expected digest, a second thread
 /// hashes it in order meanwhile, so the disk and the hash do not wait on each other.
+/// Resolves when a streaming reader moved; never, when there is none.
+async fn wait_changed(
+    rp: &mut Option<tokio::sync::watch::Receiver<Option<u64>>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match rp {
+        Some(rp) => rp.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn write_pieces(
     rx: std::sync::mpsc::Receiver<(u32, Bytes)>,
     sink: Arc<dyn PieceSink>,
