@@ -39,6 +39,8 @@ enum Cmd {
     Daemon(Box<DaemonArgs>),
     /// Download one file through the mesh.
     Get(GetArgs),
+    /// Pull an image through the mesh into an OCI image layout or a docker-archive.
+    Pull(Box<crate::pull::PullArgs>),
     /// Show a node's tasks.
     Status(StatusArgs),
     /// Everything on loopback, offline: an origin, a supernode and a few peers.
@@ -68,6 +70,23 @@ enum CaCmd {
     /// Print the cluster CA certificate.
     Show {
         /// Directory of the cluster CA or of a node identity.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Create the proxy CA (signs the HTTPS proxy's certificates for intercepted registries):
+    /// DIR/proxy-ca.pem, DIR/proxy-ca.key.
+    ProxyInit {
+        /// Directory for the proxy CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Limit the CA to this DNS domain and its subdomains (X.509 name constraint), so hosts
+        /// that trust it trust it for nothing else; repeatable.
+        #[arg(long = "name-constraint")]
+        name_constraint: Vec<String>,
+    },
+    /// Print the proxy CA certificate (what hosts trust to use the proxy).
+    ProxyShow {
+        /// Directory of the proxy CA.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -102,6 +121,34 @@ struct SupernodeArgs {
     /// Configuration file (TOML); flags win over it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Supernode asked before the origin (the next datacenter up the chain); repeatable.
+    #[arg(long)]
+    upstream: Vec<SocketAddr>,
+    #[command(flatten)]
+    transport: TransportArgs,
+}
+
+/// QUIC on the mesh, for both roles; each flag has a `[transport]` key.
+#[derive(Args, Debug, Default)]
+struct TransportArgs {
+    /// Congestion controller: bbr, cubic or newreno [default: bbr].
+    #[arg(long)]
+    congestion: Option<String>,
+    /// RTT assumed before the first sample, e.g. 100ms.
+    #[arg(long)]
+    initial_rtt: Option<String>,
+    /// Receive window per stream, e.g. 4MiB.
+    #[arg(long)]
+    stream_window: Option<String>,
+    /// Receive and send window per connection (at least bandwidth × RTT), e.g. 64MiB.
+    #[arg(long)]
+    connection_window: Option<String>,
+    /// Keep-alive interval, e.g. 4s (0: none).
+    #[arg(long)]
+    keep_alive: Option<String>,
+    /// A connection silent this long is dead, e.g. 30s.
+    #[arg(long)]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -157,9 +204,25 @@ struct DaemonArgs {
     /// Content unused for this long is collected, e.g. 7d.
     #[arg(long)]
     gc_ttl: Option<String>,
+    /// Registry whose CONNECTs the proxy intercepts and whose blobs go through the mesh:
+    /// HOST, HOST:PORT or *.DOMAIN; repeatable.
+    #[arg(long = "registry")]
+    registry: Vec<String>,
+    /// Directory of the proxy CA [default: DATA_DIR/proxy-ca, created on first start].
+    #[arg(long)]
+    proxy_ca: Option<PathBuf>,
+    /// Extra CA certificate (PEM) trusted for registries; repeatable.
+    #[arg(long = "origin-ca")]
+    origin_ca: Vec<PathBuf>,
+    /// Registry served by the mirror on the proxy port when a request names none
+    /// [default: registry-1.docker.io].
+    #[arg(long)]
+    mirror_upstream: Option<String>,
     /// Test only: serve corrupt pieces, to exercise bad-peer isolation.
     #[arg(long, hide = true)]
     danger_corrupt_uploads: bool,
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 #[derive(Args, Debug)]
@@ -235,7 +298,7 @@ pub fn main() -> i32 {
     let default_log = match cli.cmd {
         Cmd::Supernode(_) | Cmd::Daemon(_) => "info",
         // `get` reports its own failure in one line; logs only when asked for.
-        Cmd::Get(_) => "off",
+        Cmd::Get(_) | Cmd::Pull(_) => "off",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_log))
@@ -266,6 +329,7 @@ async fn run(cmd: Cmd) -> i32 {
         Cmd::Supernode(a) => supernode(a).await,
         Cmd::Daemon(a) => daemon(a).await,
         Cmd::Get(a) => get(a).await,
+        Cmd::Pull(a) => crate::pull::main(*a).await,
         Cmd::Status(a) => status(a).await,
         Cmd::Demo(a) => match demo::run(a.peers, a.size_mib).await {
             Ok(()) => exit::OK,
@@ -295,6 +359,29 @@ fn ca(cmd: CaCmd) -> i32 {
                 Err(e) => fail(exit::LOCAL, &e.to_string()),
             }
         }
+        CaCmd::ProxyInit {
+            dir,
+            name_constraint,
+        } => match name_constraint
+            .iter()
+            .find(|d| d.contains([':', '*']) || config::parse_registry(d).is_err())
+        {
+            Some(bad) => fail(
+                exit::USAGE,
+                &format!("--name-constraint {bad:?}: expected a DNS domain like corp.example"),
+            ),
+            None => proxy_init(&dir, &name_constraint),
+        },
+        CaCmd::ProxyShow { dir } => {
+            let path = dir.join(crate::proxy::ca::CERT_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(pem) => {
+                    print!("{pem}");
+                    exit::OK
+                }
+                Err(e) => fail(exit::LOCAL, &format!("{}: {e}", path.display())),
+            }
+        }
         CaCmd::Show { dir } => match std::fs::read_to_string(dir.join("ca.pem")) {
             Ok(pem) => {
                 print!("{pem}");
@@ -308,8 +395,22 @@ fn ca(cmd: CaCmd) -> i32 {
     }
 }
 
+/// `d7q ca proxy-init`: the proxy CA, optionally name-constrained.
+fn proxy_init(dir: &std::path::Path, domains: &[String]) -> i32 {
+    match crate::proxy::ca::ProxyCa::init_constrained(dir, domains) {
+        Ok(_) => {
+            println!(
+                "proxy CA created: {}",
+                dir.join(crate::proxy::ca::CERT_FILE).display()
+            );
+            exit::OK
+        }
+        Err(e) => fail(exit::LOCAL, &e.to_string()),
+    }
+}
+
 async fn supernode(a: SupernodeArgs) -> i32 {
-    let (cfg, metrics_addr) = match supernode_config(a) {
+    let (cfg, metrics_addr, upstream) = match supernode_config(a) {
         Ok(c) => c,
         Err(e) => return fail(exit::USAGE, &e),
     };
@@ -328,6 +429,7 @@ async fn supernode(a: SupernodeArgs) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURE, &format!("{e:#}")),
     };
+    sn.set_upstream(upstream);
     tokio::spawn(crate::metrics::serve(
         listener,
         metrics,
@@ -341,8 +443,65 @@ async fn supernode(a: SupernodeArgs) -> i32 {
     exit::OK
 }
 
+/// Sets the process's QUIC tuning: flags over `[transport]` in the config file over defaults.
+fn apply_transport(a: &TransportArgs, config: Option<&std::path::Path>) -> Result<(), String> {
+    let file = match config {
+        Some(path) => config::ConfigFile::load(path)
+            .map_err(|e| e.to_string())?
+            .transport
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
+    let d = transport::Tuning::default();
+    let dur =
+        |flag: &Option<String>, name: &str, from_file: Option<std::time::Duration>, def| match flag
+        {
+            Some(s) => config::parse_duration(s).map_err(|e| format!("--{name}: {e}")),
+            None => Ok(from_file.unwrap_or(def)),
+        };
+    let size = |flag: &Option<String>, name: &str, from_file: Option<u64>, def| match flag {
+        Some(s) => config::parse_size(s).map_err(|e| format!("--{name}: {e}")),
+        None => Ok(from_file.unwrap_or(def)),
+    };
+    let tuning = transport::Tuning {
+        congestion: match &a.congestion {
+            Some(s) => s.parse().map_err(|e| format!("--congestion: {e}"))?,
+            None => file.congestion.unwrap_or(d.congestion),
+        },
+        initial_rtt: dur(
+            &a.initial_rtt,
+            "initial-rtt",
+            file.initial_rtt,
+            d.initial_rtt,
+        )?,
+        stream_window: size(
+            &a.stream_window,
+            "stream-window",
+            file.stream_window,
+            d.stream_window,
+        )?,
+        connection_window: size(
+            &a.connection_window,
+            "connection-window",
+            file.connection_window,
+            d.connection_window,
+        )?,
+        keep_alive: dur(&a.keep_alive, "keep-alive", file.keep_alive, d.keep_alive)?,
+        idle_timeout: dur(
+            &a.idle_timeout,
+            "idle-timeout",
+            file.idle_timeout,
+            d.idle_timeout,
+        )?,
+    };
+    transport::set_tuning(tuning).map_err(|e| format!("transport: {e}"))
+}
+
 /// Flags over the config file over defaults; every refusal names the flag or key.
-fn supernode_config(a: SupernodeArgs) -> Result<(SupernodeConfig, SocketAddr), String> {
+fn supernode_config(
+    a: SupernodeArgs,
+) -> Result<(SupernodeConfig, SocketAddr, Vec<SocketAddr>), String> {
+    apply_transport(&a.transport, a.config.as_deref())?;
     let file = match &a.config {
         Some(path) => config::ConfigFile::load(path)
             .map_err(|e| e.to_string())?
@@ -388,7 +547,8 @@ fn supernode_config(a: SupernodeArgs) -> Result<(SupernodeConfig, SocketAddr), S
             crate::metrics::Role::Supernode,
         )),
     };
-    Ok((cfg, metrics))
+    let upstream = config::pick_list(a.upstream, file.upstream);
+    Ok((cfg, metrics, upstream))
 }
 
 fn parse_default(addr: &str) -> SocketAddr {
@@ -418,6 +578,7 @@ async fn daemon(a: Box<DaemonArgs>) -> i32 {
 
 /// Flags over the config file over defaults; every refusal names the flag or key.
 fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
+    apply_transport(&a.transport, a.config.as_deref())?;
     let file = match &a.config {
         Some(path) => config::ConfigFile::load(path)
             .map_err(|e| e.to_string())?
@@ -480,6 +641,23 @@ fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
             file.per_download_rate,
         )?,
         danger_corrupt_uploads: a.danger_corrupt_uploads,
+        registries: {
+            let mut regs = Vec::new();
+            for r in &a.registry {
+                regs.push(config::parse_registry(r).map_err(|e| format!("--registry {r:?}: {e}"))?);
+            }
+            config::pick_list(regs, file.registry.clone())
+        },
+        proxy_ca: a
+            .proxy_ca
+            .clone()
+            .or_else(|| file.proxy_ca.as_ref().and_then(|c| c.dir.clone())),
+        origin_ca: config::pick_list(a.origin_ca.clone(), file.origin_ca.clone()),
+        mirror_upstream: config::pick(
+            a.mirror_upstream.clone(),
+            file.mirror_upstream.clone(),
+            crate::proxy::DEFAULT_MIRROR_UPSTREAM.to_string(),
+        ),
         gc: {
             let storage = file.storage.clone().unwrap_or_default();
             let wm = |flag: &Option<String>,

@@ -40,6 +40,7 @@
 //! supernode = ["10.0.0.5:8002"]
 //! upload_rate = "800Mbit"
 //! registry = ["registry.test", "*.corp.example"]
+//! mirror_upstream = "registry-1.docker.io"
 //!
 //! [daemon.storage]
 //! high_watermark = "90%"
@@ -48,6 +49,14 @@
 //!
 //! [daemon.proxy_ca]
 //! dir = "/var/lib/d7q/proxy-ca"
+//!
+//! [transport]
+//! congestion = "bbr"
+//! initial_rtt = "100ms"
+//! stream_window = "4MiB"
+//! connection_window = "64MiB"
+//! keep_alive = "4s"
+//! idle_timeout = "30s"
 //! ```
 
 use std::fmt;
@@ -95,6 +104,34 @@ pub struct ConfigFile {
     pub supernode: Option<SupernodeFile>,
     /// `[daemon]`.
     pub daemon: Option<DaemonFile>,
+    /// `[transport]`: QUIC on the mesh, for either role.
+    pub transport: Option<TransportFile>,
+}
+
+/// `[transport]`: how the mesh's QUIC behaves on a path; one key per `--congestion`,
+/// `--initial-rtt`, `--stream-window`, `--connection-window`, `--keep-alive`, `--idle-timeout`
+/// flag of both roles (see [`crate::transport::Tuning`] for the bounds).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportFile {
+    /// `"bbr"`, `"cubic"` or `"newreno"`.
+    #[serde(default, deserialize_with = "de_congestion")]
+    pub congestion: Option<crate::transport::Congestion>,
+    /// RTT assumed before the first sample, e.g. `"100ms"`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub initial_rtt: Option<Duration>,
+    /// Receive window per stream, e.g. `"4MiB"`.
+    #[serde(default, deserialize_with = "de_size")]
+    pub stream_window: Option<u64>,
+    /// Receive and send window per connection: at least the bandwidth-delay product.
+    #[serde(default, deserialize_with = "de_size")]
+    pub connection_window: Option<u64>,
+    /// Keep-alive interval, e.g. `"4s"` (`"0"`: none).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub keep_alive: Option<Duration>,
+    /// A connection silent this long is dead, e.g. `"30s"`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// `[supernode]`: one key per `d7q supernode` flag.
@@ -169,6 +206,10 @@ pub struct DaemonFile {
     pub registry: Option<Vec<String>>,
     /// `--origin-ca`: extra CA certificates (PEM) trusted for origins and registries.
     pub origin_ca: Option<Vec<PathBuf>>,
+    /// `--mirror-upstream`: the registry (`host[:port]`, HTTPS) the registry mirror on the proxy
+    /// port serves when a request names none (containerd's `?ns=`); default
+    /// `registry-1.docker.io`.
+    pub mirror_upstream: Option<String>,
     /// `--log`: log filter (tracing syntax).
     #[serde(default, deserialize_with = "de_log")]
     pub log: Option<String>,
@@ -745,6 +786,21 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::E
     })
 }
 
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    d.deserialize_any(Human {
+        parse: parse_size,
+        from_int: Some(|n| n),
+        expecting: UnitError::Size,
+    })
+}
+
+fn de_congestion<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<crate::transport::Congestion>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(de::Error::custom)
+}
+
 fn de_registries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
     let list = Vec::<String>::deserialize(d)?;
     list.iter()
@@ -1107,6 +1163,7 @@ download_rate = 0
 per_download_rate = "1.5GB/s"
 registry = ["Registry.test", "*.corp.example:5000"]
 origin_ca = []
+mirror_upstream = "mirror.corp:5000"
 log = "info,d7q=debug"
 
 [daemon.storage]
@@ -1159,6 +1216,7 @@ dir = "proxy-ca"
             Some(vec!["registry.test".into(), "*.corp.example:5000".into()])
         );
         assert_eq!(d.origin_ca, Some(vec![]));
+        assert_eq!(d.mirror_upstream.as_deref(), Some("mirror.corp:5000"));
         assert_eq!(d.log.as_deref(), Some("info,d7q=debug"));
         let st = d.storage.unwrap();
         assert_eq!(st.high_watermark, Some(Watermark::Percent(90.0)));
@@ -1445,6 +1503,28 @@ dir = "proxy-ca"
                 .to_string(),
             "missing --pki (or `daemon.pki` in the config file)"
         );
+    }
+
+    #[test]
+    fn transport_section_parses_and_refuses_bad_values() {
+        let cfg = ConfigFile::parse(
+            "[transport]\ncongestion = \"cubic\"\ninitial_rtt = \"80ms\"\n\
+             stream_window = \"8MiB\"\nconnection_window = \"128MiB\"\n\
+             keep_alive = \"2s\"\nidle_timeout = \"1m\"\n",
+        )
+        .unwrap();
+        let t = cfg.transport.unwrap();
+        assert_eq!(t.congestion, Some(crate::transport::Congestion::Cubic));
+        assert_eq!(t.initial_rtt, Some(Duration::from_millis(80)));
+        assert_eq!(t.stream_window, Some(8 << 20));
+        assert_eq!(t.connection_window, Some(128 << 20));
+        assert_eq!(t.keep_alive, Some(Duration::from_secs(2)));
+        assert_eq!(t.idle_timeout, Some(Duration::from_secs(60)));
+        let err = parse_err("[transport]\ncongestion = \"vegas\"\n");
+        assert!(err.contains("transport.congestion"), "{err}");
+        assert!(err.contains("bbr, cubic or newreno"), "{err}");
+        let err = parse_err("[transport]\nidle_timeout = 30\n");
+        assert!(err.contains("transport.idle_timeout"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use d7q_wire::{Bitmap, Labels, NodeId, Register, Sha256, TaskId};
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::blobs::{self, Blob, BlobError, BlobRequest, BlobSource, MeshBlobs};
 use crate::engine::{self, ConnPool, EngineConfig, PieceSink};
 use crate::metrics::{Metrics, Role, TaskState};
 use crate::peer::GetError;
@@ -27,7 +28,6 @@ use crate::store::tasks::{PinGuard, TaskEntry, TaskStore};
 use crate::store::StoreError;
 use crate::task::{self, Geometry};
 use crate::upload::{self, PieceStore, UploadConfig};
-use crate::blobs::{self, Blob, BlobError, BlobRequest, BlobSource, MeshBlobs};
 use crate::{admin, config, exit, local, transport};
 
 /// Capacity of a task's `Have` feed toward subscribed children; a child that falls further
@@ -63,6 +63,14 @@ pub struct DaemonConfig {
     pub danger_corrupt_uploads: bool,
     /// Garbage collection of the store.
     pub gc: GcSettings,
+    /// Registries the proxy intercepts (`--registry` patterns).
+    pub registries: Vec<String>,
+    /// Proxy CA directory; `None`: `DATA_DIR/proxy-ca`, created on first start.
+    pub proxy_ca: Option<PathBuf>,
+    /// Extra CAs trusted for registries (`--origin-ca`).
+    pub origin_ca: Vec<PathBuf>,
+    /// The registry mirror's default upstream (`--mirror-upstream`).
+    pub mirror_upstream: String,
 }
 
 /// When the daemon's store is collected.
@@ -216,10 +224,20 @@ impl Daemon {
         });
         let socket = local::bind(&inner.cfg.socket)?;
         tokio::spawn(local::serve(socket, Daemon::handle(inner.clone())));
-        // LEAD note for the proxy: the mesh side is `mesh_blobs(&inner)` (an Arc<dyn MeshBlobs>).
-        tokio::spawn(crate::metrics::serve(
+        let proxy_cfg = crate::proxy::ProxyConfig {
+            registries: inner.cfg.registries.clone(),
+            ca_dir: inner
+                .cfg
+                .proxy_ca
+                .clone()
+                .unwrap_or_else(|| inner.cfg.data_dir.join("proxy-ca")),
+            origin_ca: inner.cfg.origin_ca.clone(),
+            mirror_upstream: inner.cfg.mirror_upstream.clone(),
+        };
+        let http_side = crate::proxy::Proxy::new(proxy_cfg, mesh_blobs(&inner), metrics)?;
+        tokio::spawn(crate::proxy::serve(
             http,
-            metrics,
+            http_side,
             std::future::pending::<()>(),
         ));
         tokio::spawn(accept(endpoint, inner.clone()));

@@ -78,6 +78,10 @@ pub async fn run(peers: usize, size_mib: u64) -> anyhow::Result<()> {
             per_download_rate: 0,
             danger_corrupt_uploads: false,
             gc: GcSettings::default(),
+            registries: Vec::new(),
+            proxy_ca: None,
+            origin_ca: Vec::new(),
+            mirror_upstream: crate::proxy::DEFAULT_MIRROR_UPSTREAM.to_string(),
         })
         .await?;
         daemons.push(d);

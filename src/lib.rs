@@ -8,8 +8,11 @@
 //! - [`engine`]: one download from the seed and parent peers, every piece verified.
 //! - [`upload`]: serving stored pieces and their availability to other peers.
 //! - [`blobs`]: blobs streamed out of the mesh in order, what the proxy asks of the daemon.
+//! - [`proxy`]: the daemon's HTTPS proxy and registry mirror: CONNECT interception, blobs from
+//!   the mesh, everything else to the registry.
 //! - [`local`]: the daemon's Unix-socket API for `d7q get`.
 //! - [`peer`]: `d7q get` without a daemon, into a temporary file renamed into place.
+//! - [`pull`]: `d7q pull`, an image through the mesh into an OCI layout or docker-archive.
 //! - [`embedded`]: the zero-setup default, a peer and a supernode in one process.
 //! - [`demo`]: everything on loopback, to see it work.
 //! - [`sched`]: deciding logic without IO: piece picking, parent scheduling, rate budgets.
@@ -19,6 +22,7 @@
 //! - [`transport`], [`proto`]: QUIC endpoints with mutual TLS, framed messages on streams.
 //! - [`pki`]: the cluster CA and node identities.
 //! - [`origin`]: back-to-source over HTTP(S).
+//! - [`registry`]: image references, registry auth, manifests, OCI layout and docker-archive.
 //! - [`store`]: disk: free space, preallocated files, never a half-written output.
 //! - [`task`]: task ids, piece geometry, digests.
 //! - [`admin`]: the read-only HTTP/3 admin API and its client.
@@ -41,7 +45,10 @@ pub mod origin;
 pub mod peer;
 pub mod pki;
 pub mod proto;
+pub mod proxy;
+pub mod pull;
 pub mod ratelimit;
+pub mod registry;
 pub mod sched;
 pub mod store;
 pub mod supernode;

@@ -108,6 +108,23 @@ pub enum FailureReason {
     Stream,
 }
 
+/// What the daemon's proxy did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// A registry blob served from the mesh.
+    BlobMesh,
+    /// A registry blob passed to the registry because the mesh could not open it.
+    BlobDirect,
+    /// A registry request passed to the registry untouched (manifests, tokens, pushes).
+    Passthrough,
+    /// A CONNECT to a host that is not intercepted, tunnelled byte for byte.
+    Tunnel,
+    /// A blob request the registry refused for this client: its answer was passed on.
+    Denied,
+    /// A plain-HTTP proxy request forwarded.
+    Forward,
+}
+
 macro_rules! label {
     ($ty:ty, $name:literal, [$($variant:ident => $value:literal),+ $(,)?]) => {
         impl Label for $ty {
@@ -127,6 +144,14 @@ macro_rules! label {
 
 label!(Source, "source", [Peer => "peer", Supernode => "supernode", Origin => "origin"]);
 label!(TaskState, "state", [Running => "running", Complete => "complete", Failed => "failed"]);
+label!(ProxyKind, "kind", [
+    BlobMesh => "blob_mesh",
+    BlobDirect => "blob_direct",
+    Passthrough => "passthrough",
+    Tunnel => "tunnel",
+    Denied => "denied",
+    Forward => "forward",
+]);
 label!(FailureReason, "reason", [
     DigestMismatch => "digest_mismatch",
     Timeout => "timeout",
@@ -224,6 +249,9 @@ pub struct Metrics {
     origin_requests: Counter,
     peers_connected: Gauge,
     pieces_served: Counter,
+    proxy_requests: Family<ProxyKind, Counter>,
+    proxy_blob_bytes: Counter,
+    proxy_tokens_coalesced: Counter,
 }
 
 impl Metrics {
@@ -239,6 +267,9 @@ impl Metrics {
             origin_requests: Counter::default(),
             peers_connected: Gauge::default(),
             pieces_served: Counter::default(),
+            proxy_requests: Family::default(),
+            proxy_blob_bytes: Counter::default(),
+            proxy_tokens_coalesced: Counter::default(),
         }
     }
 
@@ -286,6 +317,22 @@ impl Metrics {
     /// `d7q_pieces_served_total`: pieces sent to other nodes.
     pub fn pieces_served(&self) -> &Counter {
         &self.pieces_served
+    }
+
+    /// `d7q_proxy_requests_total{kind}`: requests the proxy handled, by what it did.
+    pub fn proxy_requests(&self, kind: ProxyKind) -> &Counter {
+        self.proxy_requests.get(kind)
+    }
+
+    /// `d7q_proxy_blob_bytes_total`: blob bytes the proxy served to clients from the mesh.
+    pub fn proxy_blob_bytes(&self) -> &Counter {
+        &self.proxy_blob_bytes
+    }
+
+    /// `d7q_proxy_token_requests_coalesced_total`: token requests answered by another client's
+    /// request to the token endpoint (in flight or recent).
+    pub fn proxy_tokens_coalesced(&self) -> &Counter {
+        &self.proxy_tokens_coalesced
     }
 
     /// The text exposition format, as served at `/metrics`.
@@ -350,6 +397,25 @@ impl Metrics {
             "counter",
             "Pieces sent to other nodes.",
             self.pieces_served.value(),
+        );
+        e.family(
+            "d7q_proxy_requests_total",
+            "counter",
+            "Requests the proxy handled, by what it did.",
+            &self.proxy_requests,
+            |c| c.value().to_string(),
+        );
+        e.single(
+            "d7q_proxy_blob_bytes_total",
+            "counter",
+            "Blob bytes the proxy served to clients from the mesh.",
+            self.proxy_blob_bytes.value(),
+        );
+        e.single(
+            "d7q_proxy_token_requests_coalesced_total",
+            "counter",
+            "Token requests answered by another client's request.",
+            self.proxy_tokens_coalesced.value(),
         );
         e.out
     }
@@ -565,6 +631,20 @@ d7q_peers_connected 4
 # HELP d7q_pieces_served_total Pieces sent to other nodes.
 # TYPE d7q_pieces_served_total counter
 d7q_pieces_served_total 9
+# HELP d7q_proxy_requests_total Requests the proxy handled, by what it did.
+# TYPE d7q_proxy_requests_total counter
+d7q_proxy_requests_total{{kind=\"blob_mesh\"}} 0
+d7q_proxy_requests_total{{kind=\"blob_direct\"}} 0
+d7q_proxy_requests_total{{kind=\"passthrough\"}} 0
+d7q_proxy_requests_total{{kind=\"tunnel\"}} 0
+d7q_proxy_requests_total{{kind=\"denied\"}} 0
+d7q_proxy_requests_total{{kind=\"forward\"}} 0
+# HELP d7q_proxy_blob_bytes_total Blob bytes the proxy served to clients from the mesh.
+# TYPE d7q_proxy_blob_bytes_total counter
+d7q_proxy_blob_bytes_total 0
+# HELP d7q_proxy_token_requests_coalesced_total Token requests answered by another client's request.
+# TYPE d7q_proxy_token_requests_coalesced_total counter
+d7q_proxy_token_requests_coalesced_total 0
 ",
             env!("CARGO_PKG_VERSION")
         );

@@ -6,12 +6,20 @@
 //! origin download is still running. Later registrations of a cached task never touch the
 //! origin; concurrent ones share one origin download. A failed download leaves nothing behind.
 //!
-//! Not for: choosing parents among peers (the swarm issue adds the scheduler).
+//! Supernodes chain across datacenters: one with `--upstream` supernodes asks them (in
+//! rendezvous order, as peers order supernodes) before the origin. It registers the task
+//! upstream as an ordinary downloader through the [`engine`], verifies every piece against the
+//! digests the upstream learnt from the origin, stores it and serves it to its own peers at
+//! once, in whatever order pieces arrive. When every upstream fails it goes to the origin
+//! itself, keeping what it already stored. So a blob leaves the origin once and crosses each
+//! WAN link about once.
+//!
+//! Not for: choosing parents among peers (see [`crate::sched::parents`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -25,6 +33,7 @@ use sha2::Digest;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::engine::{self, ConnPool, EngineConfig, PieceSink};
 use crate::metrics::{Metrics, Source, TaskState};
 use crate::origin::{OriginClient, OriginError};
 use crate::pki::NodeIdentity;
@@ -78,6 +87,10 @@ pub struct Supernode {
 
 struct Inner {
     node_id: NodeId,
+    /// Dials upstream supernodes (from the mesh endpoint).
+    pool: ConnPool,
+    /// Supernodes asked before the origin.
+    upstream: RwLock<Vec<SocketAddr>>,
     labels: Labels,
     origin: OriginClient,
     tasks_dir: PathBuf,
@@ -96,7 +109,8 @@ struct SeedTask {
     /// URL without query (which may carry signatures), for status output.
     shown_url: String,
     progress: watch::Sender<Progress>,
-    digests: Mutex<Vec<Sha256>>,
+    /// Digests as known, and which pieces are stored (servable).
+    pieces: Mutex<Pieces>,
     file: Mutex<Option<Arc<DataFile>>>,
     /// Who has which pieces, who should fetch from whom, and what the seed already handed
     /// out; made once the piece count is known.
@@ -119,17 +133,93 @@ impl SeedTask {
     fn with_sched<R>(&self, f: impl FnOnce(&mut Sched) -> R) -> Option<R> {
         let count = self.progress.borrow().meta?.piece_count;
         let mut guard = self.swarm.lock().expect("swarm lock");
-        let sched = guard.get_or_insert_with(|| Sched {
-            swarm: Swarm::new(
+        let sched = guard.get_or_insert_with(|| {
+            let mut swarm = Swarm::new(
                 count,
                 SwarmConfig {
                     seed: rand::random(),
                     ..SwarmConfig::default()
                 },
-            ),
-            gate: SeedGate::new(count),
+            );
+            // Lock order: swarm, then pieces (the writers take pieces alone, then swarm).
+            swarm.handle_seed_have(&self.pieces.lock().expect("pieces lock").stored_list());
+            Sched {
+                swarm,
+                gate: SeedGate::new(count),
+            }
         });
         Some(f(sched))
+    }
+
+    /// Records piece `i` (verified against `digest`) as stored: from now on it is served.
+    /// Fails when a different digest was published for it before (the content changed).
+    fn store_piece(&self, i: u32, digest: Sha256) -> Result<(), u32> {
+        {
+            let mut p = self.pieces.lock().expect("pieces lock");
+            match p.digest(i) {
+                Some(d) if d != digest => return Err(i),
+                _ => {}
+            }
+            p.set_digest(i, digest);
+            if !p.set_stored(i) {
+                return Ok(());
+            }
+        }
+        self.progress.send_modify(|p| p.available += 1);
+        self.with_swarm(|s| s.handle_seed_have(&[i]));
+        Ok(())
+    }
+}
+
+/// Per-piece state of a task on its supernode.
+#[derive(Default)]
+struct Pieces {
+    digests: Vec<Option<Sha256>>,
+    stored: Vec<bool>,
+}
+
+impl Pieces {
+    fn complete(digests: Vec<Sha256>) -> Self {
+        Self {
+            stored: vec![true; digests.len()],
+            digests: digests.into_iter().map(Some).collect(),
+        }
+    }
+
+    fn digest(&self, i: u32) -> Option<Sha256> {
+        self.digests.get(i as usize).copied().flatten()
+    }
+
+    fn set_digest(&mut self, i: u32, d: Sha256) {
+        let i = i as usize;
+        if self.digests.len() <= i {
+            self.digests.resize(i + 1, None);
+        }
+        self.digests[i] = Some(d);
+    }
+
+    /// Marks piece `i` stored; false when it already was.
+    fn set_stored(&mut self, i: u32) -> bool {
+        let i = i as usize;
+        if self.stored.len() <= i {
+            self.stored.resize(i + 1, false);
+        }
+        !std::mem::replace(&mut self.stored[i], true)
+    }
+
+    fn is_stored(&self, i: u32) -> bool {
+        self.stored.get(i as usize).copied().unwrap_or(false)
+    }
+
+    fn stored_list(&self) -> Vec<u32> {
+        (0..self.stored.len() as u32)
+            .filter(|&i| self.is_stored(i))
+            .collect()
+    }
+
+    /// Every digest, once all pieces of `count` are stored.
+    fn all_digests(&self, count: u32) -> Option<Vec<Sha256>> {
+        (0..count).map(|i| self.digest(i)).collect()
     }
 }
 
@@ -145,7 +235,8 @@ struct PeerRef {
 #[derive(Clone, Debug, Default)]
 struct Progress {
     meta: Option<TaskMeta>,
-    /// Pieces 0..available are stored and their digests known.
+    /// Pieces stored, with their digests known (a signal for watchers: which ones is in
+    /// [`SeedTask::pieces`]).
     available: u32,
     done: Option<Sha256>,
     failed: Option<ErrorMsg>,
@@ -171,6 +262,8 @@ impl Supernode {
         let endpoint = transport::endpoint(&cfg.identity, cfg.listen, true)?;
         let inner = Arc::new(Inner {
             node_id: NodeId(rand::random()),
+            pool: ConnPool::new(endpoint.clone()),
+            upstream: RwLock::new(Vec::new()),
             labels: cfg.labels,
             origin,
             tasks_dir,
@@ -185,6 +278,17 @@ impl Supernode {
         let loaded = inner.load_completed();
         info!(loaded, "supernode store loaded");
         Ok(Self { inner, endpoint })
+    }
+
+    /// Supernodes to ask before the origin for tasks this one does not have (the next
+    /// datacenter up the chain). Empty: straight to the origin.
+    pub fn set_upstream(&self, upstream: Vec<SocketAddr>) {
+        let me = self.local_addr();
+        let list: Vec<SocketAddr> = upstream.into_iter().filter(|a| *a != me).collect();
+        if !list.is_empty() {
+            info!(upstream = ?list, "supernode chain");
+        }
+        *self.inner.upstream.write().expect("upstream lock") = list;
     }
 
     /// The bound address.
@@ -465,41 +569,49 @@ impl Inner {
             id,
             shown_url,
             progress: watch::channel(Progress::default()).0,
-            digests: Mutex::new(Vec::new()),
+            pieces: Mutex::new(Pieces::default()),
             file: Mutex::new(None),
             swarm: Mutex::new(None),
         });
         tasks.insert(id, task.clone());
         drop(tasks);
-        info!(task = %id, url = %task.shown_url, "seeding from origin");
         let inner = self.clone();
         let t = task.clone();
         tokio::spawn(
-            async move {
-                inner
-                    .ingest(t, reg.url, reg.headers, reg.digest, reg.range)
-                    .await
-            }
-            .instrument(info_span!("ingest", task = %id)),
+            async move { inner.ingest(t, reg).await }.instrument(info_span!("ingest", task = %id)),
         );
         Ok(task)
     }
 
-    async fn ingest(
-        self: Arc<Self>,
-        task: Arc<SeedTask>,
-        url: String,
-        headers: Vec<(String, String)>,
-        expected: Option<Sha256>,
-        range: Option<ByteRange>,
-    ) {
+    async fn ingest(self: Arc<Self>, task: Arc<SeedTask>, reg: Register) {
         let data_path = self.tasks_dir.join(format!("{}.data", task.id));
         // Bounded: each ingest holds piece buffers and an origin connection.
         let _permit = self.ingests.acquire().await;
         self.metrics.tasks(TaskState::Running).inc();
-        let result = self
-            .ingest_inner(&task, &url, &headers, expected, range, &data_path)
-            .await;
+        let upstream = self.upstream.read().expect("upstream lock").clone();
+        let mut result = Err(error_msg(Some(task.id), ErrorCode::Internal, "not fetched"));
+        if !upstream.is_empty() {
+            info!(url = %task.shown_url, "seeding from upstream supernodes");
+            result = self
+                .ingest_upstream(&task, &reg, &upstream, &data_path)
+                .await;
+            if let Err(e) = &result {
+                warn!(error = %e.message, "upstream supernodes failed; going to the origin");
+            }
+        }
+        if result.is_err() {
+            info!(url = %task.shown_url, "seeding from origin");
+            result = self
+                .ingest_inner(
+                    &task,
+                    &reg.url,
+                    &reg.headers,
+                    reg.digest,
+                    reg.range,
+                    &data_path,
+                )
+                .await;
+        }
         self.metrics.tasks(TaskState::Running).dec();
         let state = if result.is_ok() {
             TaskState::Complete
@@ -554,14 +666,25 @@ impl Inner {
             ),
             None => None,
         };
-        store::check_free_space(&self.tasks_dir, resp.length.unwrap_or(0))
-            .map_err(|e| store_error(id, e))?;
-        let _ = std::fs::remove_file(data_path);
-        let file = Arc::new(
-            DataFile::create(data_path, resp.length.unwrap_or(0))
-                .map_err(|e| store_error(id, e))?,
-        );
-        *task.file.lock().expect("file lock") = Some(file.clone());
+        let published = task.progress.borrow().meta;
+        let kept = task.file.lock().expect("file lock").clone();
+        let file = match (published, kept) {
+            // An upstream supernode got part of it: keep those pieces (each is checked again
+            // against what the origin sends now).
+            (Some(m), Some(f)) if geometry.is_some_and(|g| meta(id, g) == m) => f,
+            (Some(_), _) => return Err(changed(id)),
+            (None, _) => {
+                store::check_free_space(&self.tasks_dir, resp.length.unwrap_or(0))
+                    .map_err(|e| store_error(id, e))?;
+                let _ = std::fs::remove_file(data_path);
+                let file = Arc::new(
+                    DataFile::create(data_path, resp.length.unwrap_or(0))
+                        .map_err(|e| store_error(id, e))?,
+                );
+                *task.file.lock().expect("file lock") = Some(file.clone());
+                file
+            }
+        };
         let piece_size = geometry.map(|g| g.piece_size).unwrap_or(MIN_PIECE_SIZE);
         if let Some(g) = geometry {
             task.progress.send_modify(|p| p.meta = Some(meta(id, g)));
@@ -622,7 +745,7 @@ impl Inner {
             .await
             .map_err(|_| error_msg(Some(id), ErrorCode::Internal, "piece writer panicked"))?;
         read_result?;
-        let (sha, stored) = written.map_err(|e| store_error(id, e))?;
+        let (sha, stored) = written?;
         if stored != total {
             return Err(error_msg(
                 Some(id),
@@ -650,7 +773,28 @@ impl Inner {
             task.progress.send_modify(|p| p.meta = Some(meta(id, g)));
         }
         file.sync().map_err(|e| store_error(id, e))?;
-        let digests = task.digests.lock().expect("digests lock").clone();
+        let count = task.progress.borrow().meta.map_or(0, |m| m.piece_count);
+        let digests = task
+            .pieces
+            .lock()
+            .expect("pieces lock")
+            .all_digests(count)
+            .ok_or_else(|| error_msg(Some(id), ErrorCode::Internal, "a piece is missing"))?;
+        self.save_meta(task, total, piece_size, sha, &digests, data_path)?;
+        Ok(sha)
+    }
+
+    /// Writes a completed task's metadata next to its data, so a restart serves it.
+    fn save_meta(
+        &self,
+        task: &SeedTask,
+        total: u64,
+        piece_size: u32,
+        sha: Sha256,
+        digests: &[Sha256],
+        data_path: &Path,
+    ) -> Result<(), ErrorMsg> {
+        let id = task.id;
         let stored_meta = StoredMeta {
             url: task.shown_url.clone(),
             length: total,
@@ -671,7 +815,72 @@ impl Inner {
                     },
                 )
             })?;
-        Ok(sha)
+        Ok(())
+    }
+
+    /// Fetches the task through the upstream supernodes, as a downloader of theirs: every piece
+    /// is verified against their digests (which they learnt from the origin) and served here as
+    /// soon as it is stored.
+    async fn ingest_upstream(
+        &self,
+        task: &Arc<SeedTask>,
+        reg: &Register,
+        upstream: &[SocketAddr],
+        data_path: &Path,
+    ) -> Result<Sha256, ErrorMsg> {
+        let id = task.id;
+        let sink_task = task.clone();
+        let tasks_dir = self.tasks_dir.clone();
+        let path = data_path.to_path_buf();
+        let make_sink: engine::SinkFactory = Box::new(move |g: Geometry| {
+            store::check_free_space(&tasks_dir, g.length)?;
+            let _ = std::fs::remove_file(&path);
+            let file = Arc::new(DataFile::create(&path, g.length)?);
+            *sink_task.file.lock().expect("file lock") = Some(file.clone());
+            sink_task
+                .progress
+                .send_modify(|p| p.meta = Some(meta(sink_task.id, g)));
+            Ok(Arc::new(ChainSink {
+                task: sink_task,
+                file,
+                geometry: g,
+            }) as Arc<dyn PieceSink>)
+        });
+        // No upload address: the upstream's scheduler never hands this node out to its peers,
+        // and its seed does not hold pieces back from it ("busy"), since nothing here serves
+        // the upstream's swarm.
+        let cfg = EngineConfig {
+            node_id: self.node_id,
+            labels: self.labels.clone(),
+            metrics: Some(self.metrics.clone()),
+            ..EngineConfig::downloader()
+        };
+        let outcome = engine::download(&self.pool, upstream, reg.clone(), cfg, make_sink, None)
+            .await
+            .map_err(|e| error_msg(Some(id), ErrorCode::Internal, &format!("upstream: {e}")))?;
+        let g = outcome.geometry;
+        let file = task
+            .file
+            .lock()
+            .expect("file lock")
+            .clone()
+            .ok_or_else(|| error_msg(Some(id), ErrorCode::Internal, "no data file"))?;
+        file.sync().map_err(|e| store_error(id, e))?;
+        let digests = task
+            .pieces
+            .lock()
+            .expect("pieces lock")
+            .all_digests(g.piece_count)
+            .ok_or_else(|| error_msg(Some(id), ErrorCode::Internal, "a piece is missing"))?;
+        self.save_meta(
+            task,
+            g.length,
+            g.piece_size,
+            outcome.sha256,
+            &digests,
+            data_path,
+        )?;
+        Ok(outcome.sha256)
     }
 
     async fn piece_stream(
@@ -719,8 +928,13 @@ impl Inner {
         let Some(task) = task else {
             return (PieceHeader::refuse(PieceStatus::UnknownTask), None);
         };
-        let progress = task.progress.borrow().clone();
-        let (Some(meta), true) = (progress.meta, req.index < progress.available) else {
+        let meta = task.progress.borrow().meta;
+        let stored = task
+            .pieces
+            .lock()
+            .expect("pieces lock")
+            .is_stored(req.index);
+        let (Some(meta), true) = (meta, stored) else {
             return (PieceHeader::refuse(PieceStatus::NotAvailable), None);
         };
         let Some(file) = task.file.lock().expect("file lock").clone() else {
@@ -828,7 +1042,7 @@ impl Inner {
             id,
             shown_url: m.url,
             progress: watch::channel(progress).0,
-            digests: Mutex::new(digests),
+            pieces: Mutex::new(Pieces::complete(digests)),
             file: Mutex::new(Some(Arc::new(file))),
             swarm: Mutex::new(None),
         })
@@ -879,6 +1093,9 @@ impl admin::StatusSource for Inner {
 async fn watch_task(task: Arc<SeedTask>, tx: mpsc::Sender<Control>, peer: PeerRef) {
     let mut rx = task.progress.subscribe();
     let mut sent_meta = false;
+    // Which pieces' digests this peer has (only stored pieces are announced: a digest is an
+    // offer to serve).
+    let mut announced: Vec<bool> = Vec::new();
     let mut sent: u32 = 0;
     let mut seeding = true;
     let mut last_parents: Vec<NodeId> = Vec::new();
@@ -901,27 +1118,19 @@ async fn watch_task(task: Arc<SeedTask>, tx: mpsc::Sender<Control>, peer: PeerRe
                         s.handle_join(peer.node, peer.addr, peer.labels.clone(), Instant::now())
                     });
                 }
-                while sent < p.available {
-                    let chunk: Vec<Sha256> = {
-                        let d = task.digests.lock().expect("digests lock");
-                        let end = (p.available as usize)
-                            .min(d.len())
-                            .min(sent as usize + MAX_DIGESTS_PER_MESSAGE);
-                        d[sent as usize..end].to_vec()
-                    };
-                    if chunk.is_empty() {
-                        break;
+                if sent < p.available {
+                    let runs = new_runs(&task, &mut announced);
+                    for (first, digests) in runs {
+                        sent += digests.len() as u32;
+                        let msg = Control::PieceDigests(PieceDigests {
+                            task: task.id,
+                            first,
+                            digests,
+                        });
+                        if tx.send(msg).await.is_err() {
+                            return;
+                        }
                     }
-                    let n = chunk.len() as u32;
-                    let msg = Control::PieceDigests(PieceDigests {
-                        task: task.id,
-                        first: sent,
-                        digests: chunk,
-                    });
-                    if tx.send(msg).await.is_err() {
-                        return;
-                    }
-                    sent += n;
                 }
                 if let Some(sha) = p.done {
                     if sent == m.piece_count {
@@ -958,27 +1167,103 @@ async fn watch_task(task: Arc<SeedTask>, tx: mpsc::Sender<Control>, peer: PeerRe
     }
 }
 
-/// The disk half of an ingest: hash each piece and the whole, store, publish.
+/// Stored pieces whose digests `announced` lacks, as runs of consecutive pieces of at most
+/// [`MAX_DIGESTS_PER_MESSAGE`]; marks them announced.
+fn new_runs(task: &SeedTask, announced: &mut Vec<bool>) -> Vec<(u32, Vec<Sha256>)> {
+    let pieces = task.pieces.lock().expect("pieces lock");
+    let n = pieces.stored.len();
+    if announced.len() < n {
+        announced.resize(n, false);
+    }
+    let mut runs: Vec<(u32, Vec<Sha256>)> = Vec::new();
+    for i in 0..n as u32 {
+        if announced[i as usize] || !pieces.is_stored(i) {
+            continue;
+        }
+        let Some(d) = pieces.digest(i) else { continue };
+        announced[i as usize] = true;
+        match runs.last_mut() {
+            Some((first, ds))
+                if *first + ds.len() as u32 == i && ds.len() < MAX_DIGESTS_PER_MESSAGE =>
+            {
+                ds.push(d)
+            }
+            _ => runs.push((i, vec![d])),
+        }
+    }
+    runs
+}
+
+/// The disk half of an origin ingest: hash each piece and the whole, store, publish.
 fn write_pieces(
     rx: std::sync::mpsc::Receiver<Bytes>,
     file: Arc<DataFile>,
     task: Arc<SeedTask>,
     piece_size: u64,
-) -> Result<(Sha256, u64), StoreError> {
+) -> Result<(Sha256, u64), ErrorMsg> {
+    let id = task.id;
     let mut whole = sha2::Sha256::new();
     let mut index: u64 = 0;
     let mut stored: u64 = 0;
     while let Ok(piece) = rx.recv() {
         whole.update(&piece);
         let digest: Sha256 = sha2::Sha256::digest(&piece).into();
-        file.write_at(index * piece_size, &piece)?;
+        file.write_at(index * piece_size, &piece)
+            .map_err(|e| store_error(id, e))?;
         stored += piece.len() as u64;
-        task.digests.lock().expect("digests lock").push(digest);
-        index += 1;
         // A piece is served only once it is on disk and its digest is known.
-        task.progress.send_modify(|p| p.available = index as u32);
+        task.store_piece(index as u32, digest)
+            .map_err(|_| changed(id))?;
+        index += 1;
     }
     Ok((whole.finalize().into(), stored))
+}
+
+/// Where pieces fetched from an upstream supernode go: the task's data file, and from there
+/// straight to this supernode's peers.
+struct ChainSink {
+    task: Arc<SeedTask>,
+    file: Arc<DataFile>,
+    geometry: Geometry,
+}
+
+impl PieceSink for ChainSink {
+    fn write_piece(&self, index: u32, bytes: &[u8]) -> Result<(), StoreError> {
+        self.file.write_at(self.geometry.offset(index), bytes)?;
+        let known = self.task.pieces.lock().expect("pieces lock").digest(index);
+        // The engine verified the bytes against the upstream's digest before handing them on.
+        let digest = known.unwrap_or_else(|| sha2::Sha256::digest(bytes).into());
+        self.task
+            .store_piece(index, digest)
+            .map_err(|i| StoreError::Io {
+                path: PathBuf::from(format!("piece {i}")),
+                source: std::io::Error::other("the content changed during the download"),
+            })
+    }
+
+    fn read_piece(&self, index: u32) -> Result<Vec<u8>, StoreError> {
+        let (off, len) = (
+            self.geometry.offset(index),
+            self.geometry.piece_len(index) as usize,
+        );
+        self.file.read_at(off, len)
+    }
+
+    fn record_digests(&self, first: u32, digests: &[Sha256]) {
+        let mut p = self.task.pieces.lock().expect("pieces lock");
+        for (k, d) in digests.iter().enumerate() {
+            p.set_digest(first + k as u32, *d);
+        }
+    }
+}
+
+/// The origin's content differs from what was published for the task before.
+fn changed(task: TaskId) -> ErrorMsg {
+    error_msg(
+        Some(task),
+        ErrorCode::DigestMismatch,
+        "the content changed at the origin during the download",
+    )
 }
 
 fn meta(task: TaskId, g: Geometry) -> TaskMeta {

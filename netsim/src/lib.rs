@@ -7,10 +7,19 @@
 //!   `now` goes in, a [`link::Verdict`] comes out, and a seed replays a run.
 //! - [`relay`]: a UDP relay applying one link per direction between clients and a server, with
 //!   a handle to read statistics, change links, cut the path and rebind a client's address.
+//! - [`tun`]: the IP-level link — TUN devices in network namespaces, every IP packet between
+//!   them through the link model, so TCP and UDP see the same path (root). [`tun::TunLink`]
+//!   joins two namespaces; [`tun::Switch`] joins many, with links picked by group (datacenter).
+//! - [`scenario`]: scenario files (datacenters, nodes, links, workload, faults) and the runner
+//!   that starts real processes over a [`tun::Switch`] and reports completion times and metrics.
+//! - [`chart`]: hand-written SVG line and step charts for results.
+//! - [`netns`]: network namespaces — create, delete, run `ip` or a closure inside one.
 //!
-//! The `netsim` binary runs the relay from the command line (`netsim relay --help`).
-//!
-//! Not here (yet): the IP-level link between network namespaces and the scenario runner.
+//! The `netsim` binary runs these from the command line (`netsim --help`).
 
+pub mod chart;
 pub mod link;
+pub mod netns;
 pub mod relay;
+pub mod scenario;
+pub mod tun;

@@ -12,6 +12,11 @@
 //! - measured speed, and how much of the content it has;
 //! - failure history: timeouts, refusals and slowness cost points that fade with time.
 //!
+//! Across datacenters, ranking is not enough: a peer in another datacenter (both labelled, the
+//! labels differ) is handed out only for pieces that neither the seed (this supernode, which
+//! every peer fetches from anyway) nor any peer of the asking peer's datacenter has. Traffic
+//! crosses a WAN link only when nothing local can serve it.
+//!
 //! A peer reported for corrupt data (a digest mismatch) is isolated for the task at once; one
 //! reported for other failures by enough distinct peers is isolated too. Isolated peers are
 //! never handed out again, even after they leave and rejoin. Reports travel on authenticated
@@ -60,6 +65,9 @@ const W_PIECES: f64 = 0.5;
 const SPEED_REFERENCE: f64 = 12_500_000.0;
 /// Weight of a new speed sample in the moving average.
 const SPEED_ALPHA: f64 = 0.3;
+/// Failure points beyond which a peer no longer counts as having its pieces when deciding
+/// whether a remote datacenter is needed: as much as one tier of locality.
+const LOCAL_PENALTY_LIMIT: f64 = W_LOCALITY;
 /// Failure points per report.
 const PENALTY_TIMEOUT: f64 = 1.0;
 const PENALTY_REFUSED: f64 = 1.0;
@@ -102,6 +110,8 @@ pub struct Swarm {
     rng: StdRng,
     reschedule: VecDeque<NodeId>,
     reschedule_queued: HashSet<NodeId>,
+    /// Pieces the seed itself holds and serves.
+    seed_has: Bits,
 }
 
 impl Swarm {
@@ -117,6 +127,15 @@ impl Swarm {
             rng,
             reschedule: VecDeque::new(),
             reschedule_queued: HashSet::new(),
+            seed_has: Bits::new(piece_count),
+        }
+    }
+
+    /// The seed (this supernode) now holds `pieces` and serves them: peers elsewhere are not
+    /// needed for them.
+    pub fn handle_seed_have(&mut self, pieces: &[u32]) {
+        for &i in pieces.iter().filter(|&&i| i < self.piece_count) {
+            self.seed_has.set(i);
         }
     }
 
@@ -307,6 +326,9 @@ impl Swarm {
         let mut sorted_all = head == cands.len();
         let mut k = 0;
         let mut first_full = None;
+        // What the seed and the peer's own datacenter hold, computed at the first remote
+        // candidate (most swarms have none).
+        let mut local: Option<Vec<u64>> = None;
         while chosen.len() < want && k < cands.len() {
             if k == head && !sorted_all {
                 cands[head..].sort_unstable_by(Candidate::order);
@@ -319,7 +341,7 @@ impl Swarm {
                 first_full = Some(k - 1);
                 break;
             }
-            if self.helps(&self.peers[&c.id], me) {
+            if self.helps_from(&self.peers[&c.id], me, &mut local, now) {
                 chosen.push(c.id);
             }
         }
@@ -334,7 +356,7 @@ impl Swarm {
                     if chosen.len() == want {
                         break;
                     }
-                    if self.helps(&self.peers[&c.id], me) {
+                    if self.helps_from(&self.peers[&c.id], me, &mut local, now) {
                         chosen.push(c.id);
                     }
                 }
@@ -469,6 +491,35 @@ impl Swarm {
             - p.penalty_now(now)
     }
 
+    /// Whether `p` should serve `me`: it has a piece `me` lacks, and when `p` is in another
+    /// datacenter, one that neither the seed nor any peer of `me`'s datacenter has (`local`
+    /// caches that union).
+    fn helps_from(&self, p: &Peer, me: &Peer, local: &mut Option<Vec<u64>>, now: Instant) -> bool {
+        if !remote(&me.labels, &p.labels) {
+            return self.helps(p, me);
+        }
+        let local = local.get_or_insert_with(|| {
+            let mut have = self.seed_has.words().to_vec();
+            for (qid, q) in &self.peers {
+                // A local peer failing all the time does not count as having anything.
+                let healthy = q.penalty_now(now) < LOCAL_PENALTY_LIMIT;
+                let usable = q.addr.is_some() && !self.isolated.contains(qid);
+                if usable && healthy && !remote(&me.labels, &q.labels) {
+                    have.iter_mut()
+                        .zip(q.has.words())
+                        .for_each(|(h, &w)| *h |= w);
+                }
+            }
+            have
+        });
+        p.has
+            .words()
+            .iter()
+            .zip(me.has.words())
+            .zip(local.iter())
+            .any(|((&theirs, &mine), &near)| theirs & !mine & !near != 0)
+    }
+
     /// Whether `p` has a piece `me` lacks.
     fn helps(&self, p: &Peer, me: &Peer) -> bool {
         if p.has_count > me.has_count {
@@ -528,6 +579,11 @@ impl Candidate {
             .then(a.tie.cmp(&b.tie))
             .then(a.id.cmp(&b.id))
     }
+}
+
+/// Whether two peers sit in different datacenters (both labelled, differently).
+fn remote(a: &Labels, b: &Labels) -> bool {
+    !a.dc.is_empty() && !b.dc.is_empty() && a.dc != b.dc
 }
 
 /// Locality tier of two label sets: 3 same host, 2 same zone, 1 same datacenter, 0 elsewhere.
@@ -610,14 +666,42 @@ mod tests {
         seed(&mut s, 5, labels("dc3", "z1", "h1"), now);
         s.handle_join(id(9), addr(9), labels("dc1", "z1", "h1"), now);
         let got = ids(&s.poll_parents(id(9), now));
-        assert_eq!(got[..3], [id(4), id(3), id(2)]);
-        assert_eq!(got.len(), 5);
-        assert!(got[3..].contains(&id(1)) && got[3..].contains(&id(5)));
+        // The other datacenters have nothing the local peers lack: they are not handed out.
+        assert_eq!(got, [id(4), id(3), id(2)]);
         let first = &s.poll_parents(id(9), now)[0];
         assert_eq!(
             (first.addr, &first.labels.host[..]),
             (addr(4).unwrap(), "h1")
         );
+    }
+
+    #[test]
+    fn remote_parents_only_for_what_nothing_local_has() {
+        let (mut s, now) = swarm(SwarmConfig::default());
+        let half = |from: u32, to: u32| {
+            let mut b = Bitmap::new(N);
+            (from..to).for_each(|i| {
+                b.set(i);
+            });
+            b
+        };
+        // dc-a holds everything; dc-b holds the first half; the asking peer is in dc-b.
+        seed(&mut s, 1, labels("dc-a", "", ""), now);
+        s.handle_join(id(2), addr(2), labels("dc-b", "", ""), now);
+        s.handle_bitmap(id(2), &half(0, N / 2));
+        s.handle_join(id(9), addr(9), labels("dc-b", "", ""), now);
+        // The second half is nowhere in dc-b: the remote peer is needed.
+        assert_eq!(ids(&s.poll_parents(id(9), now)), [id(2), id(1)]);
+        // The seed (this supernode) now has the second half: the remote peer is not.
+        s.handle_seed_have(&(N / 2..N).collect::<Vec<_>>());
+        assert_eq!(ids(&s.poll_parents(id(9), now)), [id(2)]);
+        // Unlabelled peers are never remote.
+        s.handle_join(id(3), addr(3), Labels::default(), now);
+        s.handle_bitmap(id(3), &Bitmap::full(N));
+        assert!(ids(&s.poll_parents(id(9), now)).contains(&id(3)));
+        // A peer with no datacenter label of its own takes anyone.
+        s.handle_join(id(10), addr(10), Labels::default(), now);
+        assert_eq!(s.poll_parents(id(10), now).len(), 3);
     }
 
     #[test]
@@ -771,7 +855,7 @@ mod tests {
             ..SwarmConfig::default()
         });
         seed(&mut s, 1, labels("dc1", "z1", ""), now);
-        seed(&mut s, 2, labels("dc2", "", ""), now);
+        seed(&mut s, 2, labels("dc1", "z2", ""), now);
         for c in [9, 10, 11] {
             s.handle_join(id(c), addr(c), labels("dc1", "z1", ""), now);
         }

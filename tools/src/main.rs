@@ -5,23 +5,30 @@
 //! - [`swarm`]: rows a and b, N peers through the mesh against N direct HTTPS downloads, on
 //!   rate-limited links between network namespaces, held against the Kumar–Ross bound.
 //! - [`transfer`]: row c, one transfer on loopback — the QUIC mesh against HTTPS over TCP.
+//! - [`pullbench`]: row f, `docker pull` by the real Docker engine through a daemon's HTTPS
+//!   proxy, cold and warm, against a direct pull; [`dockerd`] runs the engines and the registry.
 //! - [`https`]: the baseline HTTPS client (hyper + rustls), run as its own process through the
 //!   hidden `https-get` subcommand so it is timed exactly like `d7q get`.
 //! - [`netns`]: namespaces, veth pairs, a bridge and `tbf` links for [`swarm`].
 //! - [`origin`]: the processes [`swarm`] runs inside a namespace: the HTTPS origin and a
 //!   `/metrics` reader (hidden `origin` and `scrape` subcommands).
+//! - [`wan`]: row d, goodput over a lossy long-RTT path (netsim's TUN link) — the mesh against
+//!   curl over TCP, RTT × loss.
 //! - [`util`]: child processes with wall-clock and CPU time, temp dirs, test data, statistics.
 //!
 //! Every benchmark interleaves its variants round by round, reports the median and the spread,
 //! prints a table for people and writes a JSON file for machines. Absolute numbers mean little on
 //! a shared machine; the ratios measured in one run are the result.
 
+mod dockerd;
 mod https;
 mod netns;
 mod origin;
+mod pullbench;
 mod swarm;
 mod transfer;
 mod util;
+mod wan;
 
 use std::process::ExitCode;
 
@@ -41,6 +48,10 @@ enum Cmd {
     Swarm(swarm::Args),
     /// Row c: one transfer on loopback, QUIC mesh vs HTTPS over TCP (hyper + rustls).
     Transfer(transfer::Args),
+    /// Row f: `docker pull` through the daemon's proxy (cold, warm) vs direct (root, docker.io).
+    Pull(pullbench::Args),
+    /// Row d: goodput vs RTT and loss through a TUN link, mesh vs curl over TCP (root).
+    Wan(wan::Args),
     /// One HTTPS GET to a file (the baseline client the benchmarks spawn).
     #[command(hide = true)]
     HttpsGet(https::Args),
@@ -58,8 +69,10 @@ fn main() -> ExitCode {
         Cmd::Transfer(a) => transfer::run(a),
         Cmd::HttpsGet(a) => https::run(a),
         Cmd::Swarm(a) => swarm::run(a),
+        Cmd::Pull(a) => pullbench::run(a),
         Cmd::Origin(a) => origin::run(a),
         Cmd::Scrape(a) => origin::scrape(a),
+        Cmd::Wan(a) => wan::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,350 @@
+//! The proxy CA and the leaf certificates it signs for intercepted hosts.
+//!
+//! A host that trusts the proxy CA (fetched from `GET /ca.crt` on the proxy, or printed by
+//! `d7q ca proxy-show`) accepts the daemon as any registry it intercepts. The CA lives in a
+//! directory of its own (`proxy-ca.pem`, `proxy-ca.key`), apart from the cluster CA: trusting
+//! the proxy must not let anyone into the mesh, and the other way round.
+//!
+//! Leaf certificates are made on the first CONNECT to a host and kept in a bounded cache of
+//! ready rustls server configurations.
+//!
+//! Not for: the cluster CA and node identities ([`crate::pki`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, KeyPair, KeyUsagePurpose, NameConstraints,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::pki;
+
+/// The CA certificate in a proxy CA directory.
+pub const CERT_FILE: &str = "proxy-ca.pem";
+/// The CA key in a proxy CA directory (mode 0600).
+pub const KEY_FILE: &str = "proxy-ca.key";
+/// Leaf configurations kept; the oldest goes first. A proxy sees a handful of registries; the
+/// bound only stops a client that CONNECTs to endless names from growing memory.
+pub const LEAF_CACHE: usize = 1024;
+/// Validity of a leaf certificate, in days (a restarted daemon makes new ones).
+pub const LEAF_DAYS: i64 = 397;
+/// ALPN protocols offered to clients of intercepted connections.
+pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+const CA_COMMON_NAME: &str = "d7q proxy CA";
+
+/// Errors of the proxy CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The directory already holds a proxy CA.
+    #[error("{0} already exists; refusing to overwrite a proxy CA")]
+    Exists(PathBuf),
+    /// rcgen could not make or read a certificate or key.
+    #[error("proxy CA: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// rustls refused the leaf.
+    #[error("proxy CA: TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A proxy CA in memory: signs leaf certificates.
+pub struct ProxyCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    /// The stored certificate, as served at `/ca.crt`.
+    pem: String,
+}
+
+impl ProxyCa {
+    /// Creates a CA in `dir`; refuses to overwrite one.
+    pub fn init(dir: &Path) -> Result<Self, CaError> {
+        Self::init_constrained(dir, &[])
+    }
+
+    /// Creates a CA in `dir` whose certificate is name-constrained to `domains` (DNS names and
+    /// their subdomains), so a host that trusts it trusts it for nothing else; none: no
+    /// constraint. Refuses to overwrite a CA.
+    pub fn init_constrained(dir: &Path, domains: &[String]) -> Result<Self, CaError> {
+        let cert_path = dir.join(CERT_FILE);
+        if cert_path.exists() {
+            return Err(CaError::Exists(cert_path));
+        }
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let key = KeyPair::generate()?;
+        let mut params = ca_params();
+        if !domains.is_empty() {
+            params.name_constraints = Some(NameConstraints {
+                permitted_subtrees: domains
+                    .iter()
+                    .map(|d| GeneralSubtree::DnsName(d.trim().to_ascii_lowercase()))
+                    .collect(),
+                excluded_subtrees: Vec::new(),
+            });
+        }
+        // Only the stored certificate carries the constraint: leaves name their issuer by
+        // distinguished name and key, which the unconstrained parameters of `load` share.
+        let cert = params.self_signed(&key)?;
+        let pem = cert.pem();
+        write_private(&dir.join(KEY_FILE), key.serialize_pem().as_bytes())?;
+        fs::write(&cert_path, &pem).map_err(io_err(&cert_path))?;
+        Ok(Self { cert, key, pem })
+    }
+
+    /// Loads the CA of `dir`.
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let key_path = dir.join(KEY_FILE);
+        let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        // As for the cluster CA: a leaf names its issuer by distinguished name and key
+        // identifier, both fixed by the parameters and the stored key, so an issuer re-derived
+        // here signs leaves that verify against the stored certificate.
+        let cert = ca_params().self_signed(&key)?;
+        let cert_path = dir.join(CERT_FILE);
+        let pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        Ok(Self { cert, key, pem })
+    }
+
+    /// Loads the CA of `dir`, creating it first when the directory has none.
+    pub fn load_or_init(dir: &Path) -> Result<Self, CaError> {
+        if dir.join(CERT_FILE).exists() {
+            Self::load(dir)
+        } else {
+            Self::init(dir)
+        }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A fresh leaf for `host` (a DNS name or an IP literal): certificate and key, DER.
+    pub fn issue(
+        &self,
+        host: &str,
+    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        // rcgen makes an IP SAN of a string that parses as an address, a DNS SAN otherwise.
+        let mut params = CertificateParams::new(vec![host.to_string()])?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, host);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(LEAF_DAYS);
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let key = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| CaError::Tls(rustls::Error::General(e.to_string())))?;
+        Ok((CertificateDer::from(cert.der().to_vec()), key))
+    }
+}
+
+/// Ready TLS server configurations per intercepted host, made on first use.
+pub struct LeafCache {
+    ca: ProxyCa,
+    /// std Mutex: held only for map operations, never across an await or a key generation.
+    inner: Mutex<Leaves>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct Leaves {
+    map: HashMap<String, Arc<rustls::ServerConfig>>,
+    order: VecDeque<String>,
+}
+
+impl LeafCache {
+    /// A cache of at most `capacity` hosts over `ca`.
+    pub fn new(ca: ProxyCa, capacity: usize) -> Self {
+        Self {
+            ca,
+            inner: Mutex::new(Leaves::default()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &ProxyCa {
+        &self.ca
+    }
+
+    /// The server configuration for `host`, made and cached on first use.
+    pub fn config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
+        let host = host.to_ascii_lowercase();
+        if let Some(c) = self.lock().map.get(&host) {
+            return Ok(c.clone());
+        }
+        // Made outside the lock; two first CONNECTs racing both make one, the last one stays.
+        let (cert, key) = self.ca.issue(&host)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(pki::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)?;
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        let config = Arc::new(config);
+        let mut leaves = self.lock();
+        if leaves.map.insert(host.clone(), config.clone()).is_none() {
+            leaves.order.push_back(host);
+        }
+        while leaves.map.len() > self.capacity {
+            let Some(old) = leaves.order.pop_front() else {
+                break;
+            };
+            leaves.map.remove(&old);
+        }
+        Ok(config)
+    }
+
+    /// Hosts cached now.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Leaves> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, CA_COMMON_NAME);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "d7q");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    // Fixed, so that the issuer re-derived from the key on load is the stored one.
+    params.not_before = time::macros::datetime!(2024-01-01 0:00 UTC);
+    params.not_after = time::macros::datetime!(2124-01-01 0:00 UTC);
+    params
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    io::Write::write_all(&mut f, bytes).map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+    use rustls::RootCertStore;
+
+    fn verify(ca_pem: &str, leaf: &CertificateDer<'static>, name: &str) -> Result<(), String> {
+        let mut roots = RootCertStore::empty();
+        for c in pki::load_certs_pem(ca_pem, Path::new("ca")).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            pki::provider(),
+        )
+        .build()
+        .unwrap();
+        verifier
+            .verify_server_cert(
+                leaf,
+                &[],
+                &ServerName::try_from(name.to_string()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn leaves_verify_against_the_stored_ca_after_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ProxyCa::init(dir.path()).unwrap();
+        assert!(matches!(ProxyCa::init(dir.path()), Err(CaError::Exists(_))));
+        let stored = fs::read_to_string(dir.path().join(CERT_FILE)).unwrap();
+        assert_eq!(ca.cert_pem(), stored);
+        let (leaf, _) = ca.issue("registry.test").unwrap();
+        verify(&stored, &leaf, "registry.test").unwrap();
+        assert!(verify(&stored, &leaf, "other.test").is_err());
+
+        let reloaded = ProxyCa::load_or_init(dir.path()).unwrap();
+        assert_eq!(reloaded.cert_pem(), stored);
+        let (leaf, _) = reloaded.issue("127.0.0.2").unwrap();
+        verify(&stored, &leaf, "127.0.0.2").unwrap();
+
+        let other = tempfile::tempdir().unwrap();
+        let stranger = ProxyCa::init(other.path()).unwrap();
+        let (leaf, _) = stranger.issue("registry.test").unwrap();
+        assert!(verify(&stored, &leaf, "registry.test").is_err());
+    }
+
+    #[test]
+    fn a_constrained_ca_vouches_only_for_its_domains() {
+        let dir = tempfile::tempdir().unwrap();
+        ProxyCa::init_constrained(dir.path(), &["registry.test".into(), "corp.example".into()])
+            .unwrap();
+        let ca = ProxyCa::load(dir.path()).unwrap();
+        for ok in ["registry.test", "harbor.corp.example"] {
+            let (leaf, _) = ca.issue(ok).unwrap();
+            verify(ca.cert_pem(), &leaf, ok).unwrap();
+        }
+        let (leaf, _) = ca.issue("registry-1.docker.io").unwrap();
+        let err = verify(ca.cert_pem(), &leaf, "registry-1.docker.io").unwrap_err();
+        assert!(err.to_lowercase().contains("name"), "{err}");
+    }
+
+    #[test]
+    fn leaf_cache_is_bounded_and_reuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LeafCache::new(ProxyCa::init(dir.path()).unwrap(), 3);
+        let a = cache.config("a.test").unwrap();
+        assert!(Arc::ptr_eq(&a, &cache.config("A.TEST").unwrap()));
+        for h in ["b.test", "c.test", "d.test", "e.test"] {
+            cache.config(h).unwrap();
+        }
+        assert_eq!(cache.len(), 3);
+        // a.test was the oldest: made again, a new configuration.
+        assert!(!Arc::ptr_eq(&a, &cache.config("a.test").unwrap()));
+        assert_eq!(cache.len(), 3);
+    }
+}

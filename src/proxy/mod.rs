@@ -1,0 +1,420 @@
+//! The daemon's HTTP side: an HTTPS proxy for Docker's `HTTPS_PROXY`, a registry mirror, the
+//! proxy CA at `/ca.crt`, and `/metrics` and `/health` — all on one TCP port (`--proxy`).
+//!
+//! Requests, by their form:
+//!
+//! - `CONNECT host:port` to a host matching the intercept rules (`--registry`): answered 200,
+//!   then TLS is terminated with a leaf certificate for the host signed by the proxy CA
+//!   ([`ca`]), and the decrypted HTTP/1.1 or HTTP/2 requests go to [`registry`] for that host.
+//!   Every other CONNECT is tunnelled byte for byte ([`tunnel`]).
+//! - `GET http://host/…` (absolute form): forwarded; to an intercepted host, handled as a
+//!   registry over plain HTTP.
+//! - Origin form: `/ca.crt`, `/metrics`, `/health`, and `/v2/…` as a registry mirror for the
+//!   upstream named by containerd's `?ns=HOST`, else `--mirror-upstream`.
+//!
+//! Bounds: [`MAX_CONNECTIONS`] client connections (an intercepted or tunnelled CONNECT keeps its
+//! slot until it ends), [`HEADER_READ_TIMEOUT`] per request head, [`TLS_HANDSHAKE_TIMEOUT`],
+//! [`tunnel::IDLE_TIMEOUT`], [`upstream::CONNECT_TIMEOUT`], [`ca::LEAF_CACHE`].
+//!
+//! Not for: the mesh ([`crate::blobs`] is the interface), registry client logic for `d7q pull`.
+
+pub mod ca;
+pub mod registry;
+pub mod rules;
+pub mod tokens;
+pub mod tunnel;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::blobs::MeshBlobs;
+use crate::metrics::{self, Metrics, ProxyKind};
+use registry::{AccessCache, Route};
+use rules::Rules;
+use tokens::Tokens;
+use upstream::{Body, BoxError, Target, Upstream};
+
+/// Client connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Time a client has to send a request head (also how long an idle keep-alive HTTP/1.1
+/// connection is kept).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a client of an intercepted CONNECT has to finish the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Concurrent HTTP/2 streams per intercepted connection.
+pub const MAX_H2_STREAMS: u32 = 128;
+/// HTTP/2 keep-alive ping interval on intercepted connections; an unanswered ping closes it.
+pub const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+/// The mirror upstream when none is configured: what Docker's `registry-mirrors` expects.
+pub const DEFAULT_MIRROR_UPSTREAM: &str = "registry-1.docker.io";
+
+/// What the proxy needs from the daemon's configuration.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Intercept rules (`--registry`).
+    pub registries: Vec<String>,
+    /// The proxy CA directory; created on first start when empty.
+    pub ca_dir: PathBuf,
+    /// Extra CAs trusted for registries (`--origin-ca`).
+    pub origin_ca: Vec<PathBuf>,
+    /// The mirror's default upstream, `host[:port]` (HTTPS).
+    pub mirror_upstream: String,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The proxy CA could not be created or loaded.
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
+    /// `--mirror-upstream` is not `host[:port]`.
+    #[error("--mirror-upstream {0:?}: expected HOST[:PORT]")]
+    MirrorUpstream(String),
+}
+
+/// The proxy's shared state.
+pub struct Proxy {
+    rules: Rules,
+    mirror_upstream: Authority,
+    leaves: ca::LeafCache,
+    upstream: Upstream,
+    mesh: Arc<dyn MeshBlobs>,
+    metrics: Arc<Metrics>,
+    access: AccessCache,
+    tokens: Tokens,
+}
+
+impl Proxy {
+    /// Loads (or creates) the proxy CA and builds the upstream client.
+    pub fn new(
+        cfg: ProxyConfig,
+        mesh: Arc<dyn MeshBlobs>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, ProxyError> {
+        let mirror_upstream = parse_upstream(&cfg.mirror_upstream)
+            .ok_or_else(|| ProxyError::MirrorUpstream(cfg.mirror_upstream.clone()))?;
+        let ca = ca::ProxyCa::load_or_init(&cfg.ca_dir)?;
+        Ok(Arc::new(Self {
+            rules: Rules::new(&cfg.registries),
+            mirror_upstream,
+            leaves: ca::LeafCache::new(ca, ca::LEAF_CACHE),
+            upstream: Upstream::new(&cfg.origin_ca)?,
+            mesh,
+            metrics,
+            access: AccessCache::default(),
+            tokens: Tokens::default(),
+        }))
+    }
+
+    /// The proxy CA certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        self.leaves.ca().cert_pem()
+    }
+}
+
+/// Serves the proxy on `listener` until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Owning the connection tasks means dropping this set on return ends them all.
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => return,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // Out of file descriptors, most likely: back off instead of spinning.
+                warn!(%error, "proxy: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "proxy: connection limit reached, closing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        conns.spawn(
+            async move {
+                // Shared with the CONNECT tasks: the slot is free once all of them end.
+                let slot = Arc::new(slot);
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let (proxy, slot) = (proxy.clone(), slot.clone());
+                    async move { Ok::<_, Infallible>(outer(proxy, req, slot).await) }
+                });
+                let result = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+                if let Err(error) = result {
+                    debug!(%error, "proxy: connection ended");
+                }
+            }
+            .instrument(info_span!("proxy", %peer)),
+        );
+    }
+}
+
+/// A request on a client connection to the proxy.
+async fn outer(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    slot: Arc<OwnedSemaphorePermit>,
+) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return connect(proxy, req, slot).await;
+    }
+    let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+    if let Some(authority) = req.uri().authority().cloned() {
+        // Absolute form: a plain-HTTP proxy request.
+        if req.uri().scheme() != Some(&Scheme::HTTP) {
+            return upstream::text(
+                StatusCode::BAD_REQUEST,
+                "only http:// URLs in absolute form; use CONNECT for https",
+            );
+        }
+        let (host, port) = (
+            authority.host().to_string(),
+            authority.port_u16().unwrap_or(80),
+        );
+        let route = Route {
+            target: Target {
+                scheme: Scheme::HTTP,
+                authority,
+            },
+            mirror: false,
+        };
+        if proxy.rules.intercepts(&host, port) {
+            return registry::handle(proxy, route, req).await;
+        }
+        return registry::passthrough(proxy, route, req, ProxyKind::Forward).await;
+    }
+    if let Some(r) = metrics::handle(&req, &proxy.metrics) {
+        return r.map(|b| b.map_err(|never| match never {}).boxed_unsync());
+    }
+    // Owned: a borrow of `req` alive across the awaits below makes the future not provably Send.
+    let path = req.uri().path().to_string();
+    if path == "/ca.crt" {
+        return ca_crt(&proxy, req.method());
+    }
+    if path == "/v2" || path.starts_with("/v2/") {
+        let Some(target) = mirror_target(&proxy, req.uri().query()) else {
+            return upstream::text(StatusCode::BAD_REQUEST, "bad ns parameter");
+        };
+        let route = Route {
+            target,
+            mirror: true,
+        };
+        return registry::handle(proxy, route, req).await;
+    }
+    upstream::text(StatusCode::NOT_FOUND, "not found")
+}
+
+fn ca_crt(proxy: &Proxy, method: &Method) -> Response<Body> {
+    let body = match *method {
+        Method::GET => upstream::full(proxy.ca_pem().to_string()),
+        Method::HEAD => upstream::empty(),
+        _ => return upstream::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+    };
+    let mut r = Response::new(body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-pem-file"),
+    );
+    r
+}
+
+/// The mirror's upstream: containerd's `ns` parameter, else the configured one.
+fn mirror_target(proxy: &Proxy, query: Option<&str>) -> Option<Target> {
+    let ns = query.and_then(|q| {
+        q.split('&')
+            .find_map(|p| p.strip_prefix("ns="))
+            .filter(|v| !v.is_empty())
+    });
+    let authority = match ns {
+        // Docker Hub's name for itself; its API lives elsewhere.
+        Some("docker.io") => Authority::from_static(DEFAULT_MIRROR_UPSTREAM),
+        Some(ns) => parse_upstream(ns)?,
+        None => proxy.mirror_upstream.clone(),
+    };
+    Some(Target {
+        scheme: Scheme::HTTPS,
+        authority,
+    })
+}
+
+/// `host[:port]` (an `https://` prefix and a trailing `/` tolerated), host names checked as the
+/// `--registry` patterns are.
+fn parse_upstream(s: &str) -> Option<Authority> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("https://")
+        .unwrap_or(s)
+        .trim_end_matches('/');
+    if s.contains('*') || crate::config::parse_registry(s).is_err() {
+        // IP literals are fine too.
+        let (host, _) = rules::split_authority(s)?;
+        host.parse::<std::net::IpAddr>().ok()?;
+    }
+    s.parse().ok()
+}
+
+/// `CONNECT host:port`: intercept or tunnel.
+async fn connect(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    slot: Arc<OwnedSemaphorePermit>,
+) -> Response<Body> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return upstream::text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    };
+    let Some((host, port)) = rules::split_authority(authority.as_str()) else {
+        return upstream::text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    };
+    if proxy.rules.intercepts(&host, port) {
+        let tls = match proxy.leaves.config(&host) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, %host, "proxy: no leaf certificate");
+                return upstream::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
+        };
+        let target = Target {
+            scheme: Scheme::HTTPS,
+            authority,
+        };
+        tokio::spawn(
+            async move {
+                let _slot = slot;
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => intercept(proxy, upgraded, tls, target).await,
+                    Err(error) => debug!(%error, "proxy: CONNECT upgrade failed"),
+                }
+            }
+            .instrument(info_span!("intercept", %host, port)),
+        );
+        return Response::new(upstream::empty());
+    }
+    // An owned address: a borrowed (&str, u16) makes this future not provably Send.
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let dial = tokio::time::timeout(upstream::CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
+    let server = match dial {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return upstream::text(StatusCode::BAD_GATEWAY, format!("{host}:{port}: {e}"))
+        }
+        Err(_) => {
+            return upstream::text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{host}:{port}: no connection within {:?}",
+                    upstream::CONNECT_TIMEOUT
+                ),
+            )
+        }
+    };
+    let _ = server.set_nodelay(true);
+    proxy.metrics.proxy_requests(ProxyKind::Tunnel).inc();
+    tokio::spawn(
+        async move {
+            let _slot = slot;
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    if let Err(error) = tunnel::run(TokioIo::new(upgraded), server).await {
+                        debug!(%error, "proxy: tunnel ended");
+                    }
+                }
+                Err(error) => debug!(%error, "proxy: CONNECT upgrade failed"),
+            }
+        }
+        .instrument(info_span!("tunnel", %host, port)),
+    );
+    Response::new(upstream::empty())
+}
+
+/// Serves the requests of an intercepted CONNECT, over TLS as `target`.
+async fn intercept(
+    proxy: Arc<Proxy>,
+    upgraded: hyper::upgrade::Upgraded,
+    tls: Arc<rustls::ServerConfig>,
+    target: Target,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let stream = match tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        acceptor.accept(TokioIo::new(upgraded)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => {
+            // Most often: the client does not trust the proxy CA.
+            debug!(%error, "proxy: TLS handshake with the client failed");
+            return;
+        }
+        Err(_) => {
+            debug!("proxy: TLS handshake timed out");
+            return;
+        }
+    };
+    let route = Route {
+        target,
+        mirror: false,
+    };
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (proxy, route) = (proxy.clone(), route.clone());
+        async move {
+            let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+            Ok::<_, Infallible>(registry::handle(proxy, route, req).await)
+        }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .keep_alive_interval(H2_KEEPALIVE);
+    if let Err(error) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        debug!(%error, "proxy: intercepted connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,391 @@
+//! The daemon's HTTPS proxy, end to end: the real `d7q daemon` binary, the real `curl` as the
+//! client, and the dev server as a registry under the name `registry.test` (HTTPS, its own CA).
+//!
+//! Needs root (for `/etc/hosts`) and `curl`; `scripts/test.sh` installs it.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::registry::{ensure_hosts, REGISTRY_HOST, REGISTRY_IP};
+use common::{sha256, Daemon, Env};
+use d7q::devserver::{DevCa, DevServer, Fault};
+
+/// Longest one curl may run.
+const CURL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What curl got: exit code, response head (headers of the last response) and body file.
+struct Curl {
+    code: i32,
+    head: String,
+    body: Vec<u8>,
+    stderr: String,
+}
+
+impl Curl {
+    fn status(&self) -> u16 {
+        self.head
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("HTTP/"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        // The head of the last response only (a CONNECT answer comes first).
+        let last = self.head.rsplit("HTTP/").next().unwrap_or("");
+        last.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// `curl ARGS…` with its head and body captured in files under `env`.
+async fn curl(env: &Env, tag: &str, args: &[&str]) -> Curl {
+    let head = env.path().join(format!("curl-{tag}.head"));
+    let body = env.path().join(format!("curl-{tag}.body"));
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--noproxy", ""])
+        .arg("-D")
+        .arg(&head)
+        .arg("-o")
+        .arg(&body)
+        .args(args)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(CURL_TIMEOUT, cmd.output())
+        .await
+        .expect("curl timed out")
+        .expect("curl runs (apt install curl)");
+    Curl {
+        code: out.status.code().unwrap_or(-1),
+        head: std::fs::read_to_string(&head).unwrap_or_default(),
+        body: std::fs::read(&body).unwrap_or_default(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A registry stand-in: the dev server on `registry.test`, serving `DIR/v2/…`.
+struct FakeRegistry {
+    server: DevServer,
+    ca_file: PathBuf,
+    root: PathBuf,
+}
+
+impl FakeRegistry {
+    async fn start(env: &Env) -> Self {
+        ensure_hosts().expect("/etc/hosts (tests run as root)");
+        let root = env.dir("registry-root");
+        let ca = DevCa::new();
+        let ca_file = env.path().join("registry-ca.pem");
+        ca.write_pem(&ca_file).unwrap();
+        let server = DevServer::builder(root.clone())
+            .bind(SocketAddr::new(IpAddr::V4(REGISTRY_IP), 0))
+            .tls(&ca)
+            .extra_name(REGISTRY_HOST)
+            .start()
+            .await
+            .expect("start the registry stand-in");
+        Self {
+            server,
+            ca_file,
+            root,
+        }
+    }
+
+    fn authority(&self) -> String {
+        format!("{REGISTRY_HOST}:{}", self.server.addr().port())
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.authority())
+    }
+
+    /// Writes `len` deterministic bytes as a blob; its path and bytes.
+    fn blob(&self, name: &str, len: usize, seed: u64) -> (String, Vec<u8>) {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let path = format!("/v2/{name}/blobs/sha256:{}", sha256(&data));
+        self.file(&path, &data);
+        (path, data)
+    }
+
+    fn file(&self, path: &str, data: &[u8]) {
+        let file = self.root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, data).unwrap();
+    }
+}
+
+/// The proxy CA a daemon created on first start.
+fn proxy_ca(daemon: &Daemon) -> PathBuf {
+    daemon.data_dir.join("proxy-ca").join("proxy-ca.pem")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `/ca.crt`, `d7q ca proxy-init`/`proxy-show`, and a CONNECT to a host that is not
+/// intercepted, tunnelled byte for byte (curl verifies the origin's own certificate through it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_and_tunnel() {
+    let env = Env::new();
+    let cluster = env.cluster().await;
+    let origin = env.origin().await;
+    let sn = env
+        .supernode(&cluster.supernode_pki, Some(&origin.ca_file))
+        .await;
+    let ca_dir = env.path().join("my-proxy-ca");
+    let bad = env
+        .run(&[
+            "ca",
+            "proxy-init",
+            "--dir",
+            s(&ca_dir),
+            "--name-constraint",
+            "*.test",
+        ])
+        .await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("--name-constraint"), "{bad:?}");
+    env.run(&[
+        "ca",
+        "proxy-init",
+        "--dir",
+        s(&ca_dir),
+        "--name-constraint",
+        "registry.test",
+    ])
+    .await
+    .ok();
+    let again = env.run(&["ca", "proxy-init", "--dir", s(&ca_dir)]).await;
+    assert_ne!(again.code, 0, "proxy-init must not overwrite: {again:?}");
+    let shown = env.run(&["ca", "proxy-show", "--dir", s(&ca_dir)]).await;
+    shown.ok();
+    assert!(shown.stdout.starts_with("-----BEGIN CERTIFICATE-----"));
+    let daemon = env
+        .daemon(
+            &cluster.client_pki,
+            &[&sn],
+            &["--registry", "registry.test", "--proxy-ca", s(&ca_dir)],
+        )
+        .await;
+
+    let got = curl(&env, "ca", &[&format!("http://{}/ca.crt", daemon.proxy)]).await;
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    assert_eq!(got.status(), 200);
+    assert_eq!(
+        got.header("content-type").as_deref(),
+        Some("application/x-pem-file")
+    );
+    assert_eq!(String::from_utf8(got.body).unwrap(), shown.stdout);
+
+    // localhost is not intercepted: a plain tunnel, and the origin's certificate reaches curl.
+    let digest = origin.file("tunnelled.bin", 3 << 20);
+    let got = curl(
+        &env,
+        "tunnel",
+        &[
+            "-x",
+            &format!("http://{}", daemon.proxy),
+            "--cacert",
+            s(&origin.ca_file),
+            &origin.url("tunnelled.bin"),
+        ],
+    )
+    .await;
+    assert_eq!(got.code, 0, "{}\n{}", got.stderr, daemon.log());
+    assert_eq!(got.status(), 200);
+    assert_eq!(sha256(&got.body), digest);
+    assert_eq!(origin.gets("tunnelled.bin"), 1);
+    assert_eq!(
+        daemon
+            .metric("d7q_proxy_requests_total{kind=\"tunnel\"}")
+            .await,
+        1.0
+    );
+    // Nothing was downloaded through the mesh for it.
+    assert_eq!(daemon.downloaded().await, 0.0);
+
+    // A plain-HTTP proxy request is forwarded.
+    let plain_root = env.dir("plain");
+    std::fs::write(plain_root.join("hello.txt"), b"hello through the proxy\n").unwrap();
+    let plain = DevServer::start(plain_root, "127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let got = curl(
+        &env,
+        "forward",
+        &[
+            "-x",
+            &format!("http://{}", daemon.proxy),
+            &plain.url("/hello.txt"),
+        ],
+    )
+    .await;
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.body, b"hello through the proxy\n");
+    assert_eq!(plain.get_count("/hello.txt"), 1);
+    assert_eq!(
+        daemon
+            .metric("d7q_proxy_requests_total{kind=\"forward\"}")
+            .await,
+        1.0
+    );
+}
+
+/// An intercepted registry: a blob fetched through two daemons leaves the registry once (the
+/// second copy comes from the mesh), a Range works, a manifest passes through, and a client
+/// without the registry's permission gets the registry's 401, not the cached blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercepted_registry_through_two_daemons() {
+    let env = Env::new();
+    let registry = FakeRegistry::start(&env).await;
+    let (_, pki) = env.ca("cluster", &["sn", "a", "b"]).await;
+    let sn = env.supernode(&pki[0], Some(&registry.ca_file)).await;
+    let flags = [
+        "--registry",
+        REGISTRY_HOST,
+        "--origin-ca",
+        s(&registry.ca_file),
+    ];
+    let a = env.daemon(&pki[1], &[&sn], &flags).await;
+    let b = env.daemon(&pki[2], &[&sn], &flags).await;
+    let via = |d: &Daemon| -> Vec<String> {
+        vec![
+            "-x".into(),
+            format!("http://{}", d.proxy),
+            "--cacert".into(),
+            s(&proxy_ca(d)).into(),
+        ]
+    };
+    let run = |tag: &'static str, d: &Daemon, extra: Vec<String>| {
+        let mut args = via(d);
+        args.extend(extra);
+        let env = &env;
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(env, tag, &refs).await
+        }
+    };
+
+    let (path, data) = registry.blob("team/app", (4 << 20) + 12_345, 1);
+    let got = run("blob-a", &a, vec![registry.url(&path)]).await;
+    assert_eq!(got.code, 0, "{}\n{}", got.stderr, a.log());
+    assert_eq!(got.status(), 200);
+    assert_eq!(sha256(&got.body), sha256(&data));
+    let digest = path.rsplit('/').next().unwrap().to_string();
+    assert_eq!(got.header("docker-content-digest"), Some(digest.clone()));
+    let got = run("blob-b", &b, vec![registry.url(&path)]).await;
+    assert_eq!(got.code, 0, "{}\n{}", got.stderr, b.log());
+    assert_eq!(sha256(&got.body), sha256(&data));
+    assert_eq!(
+        registry.server.get_count(&path),
+        1,
+        "the registry sent the blob once"
+    );
+    for d in [&a, &b] {
+        assert_eq!(
+            d.metric("d7q_proxy_requests_total{kind=\"blob_mesh\"}")
+                .await,
+            1.0
+        );
+    }
+    assert!(b.downloaded().await >= data.len() as f64);
+
+    // A range of the cached blob.
+    let got = run(
+        "range",
+        &b,
+        vec!["-r".into(), "1000-1999".into(), registry.url(&path)],
+    )
+    .await;
+    assert_eq!(got.status(), 206, "{}", got.head);
+    assert_eq!(got.body, &data[1000..2000]);
+    assert_eq!(
+        got.header("content-range"),
+        Some(format!("bytes 1000-1999/{}", data.len()))
+    );
+
+    // Everything else passes through.
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    registry.file("/v2/team/app/manifests/v1", manifest);
+    // Over HTTP/2 inside the intercepted connection (ALPN), as Go clients speak it.
+    let got = run(
+        "manifest",
+        &a,
+        vec!["--http2".into(), registry.url("/v2/team/app/manifests/v1")],
+    )
+    .await;
+    assert_eq!(got.status(), 200);
+    assert!(got.head.contains("HTTP/2 200"), "{}", got.head);
+    assert_eq!(got.body, manifest);
+    assert_eq!(registry.server.get_count("/v2/team/app/manifests/v1"), 1);
+    let got = run(
+        "missing",
+        &a,
+        vec![registry.url("/v2/team/app/manifests/nope")],
+    )
+    .await;
+    assert_eq!(got.status(), 404);
+
+    // A private blob: a client with credentials brings it into the mesh; clients without them
+    // get the registry's 401 through either daemon, though the bytes are in the mesh.
+    let (private, secret) = registry.blob("team/private", 300_000, 2);
+    registry
+        .server
+        .set_fault(&private, Fault::RequireAuth("Basic dXNlcjpwdw==".into()));
+    let creds = || vec!["-u".to_string(), "user:pw".to_string()];
+    let mut args = creds();
+    args.push(registry.url(&private));
+    let got = run("private-a", &a, args).await;
+    assert_eq!(got.status(), 200, "{}\n{}", got.head, a.log());
+    assert_eq!(sha256(&got.body), sha256(&secret));
+    for (tag, d) in [("denied-a", &a), ("denied-b", &b)] {
+        let got = run(tag, d, vec![registry.url(&private)]).await;
+        assert_eq!(got.status(), 401, "{}", got.head);
+        assert_eq!(
+            got.header("www-authenticate").as_deref(),
+            Some("Basic realm=\"d7q-dev\"")
+        );
+        assert!(got.body.len() < 1000);
+        assert_eq!(
+            d.metric("d7q_proxy_requests_total{kind=\"denied\"}").await,
+            1.0
+        );
+    }
+    let gets_before = registry.server.get_count(&private);
+    let mut args = creds();
+    args.push(registry.url(&private));
+    let got = run("private-b", &b, args).await;
+    assert_eq!(got.status(), 200);
+    assert_eq!(sha256(&got.body), sha256(&secret));
+    assert_eq!(
+        registry.server.get_count(&private),
+        gets_before,
+        "served from the mesh"
+    );
+}
