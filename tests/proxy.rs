@@ -389,3 +389,58 @@ async fn intercepted_registry_through_two_daemons() {
         "served from the mesh"
     );
 }
+
+/// A registry that answers blob requests with a redirect to object storage (a signed URL, as
+/// S3-backed registries do): the blob still comes through the mesh, verified, and is keyed by
+/// its digest — a second client whose redirect carries another signature gets it from the mesh
+/// without the storage being read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_redirected_to_signed_storage_urls() {
+    let env = Env::new();
+    let registry = FakeRegistry::start(&env).await;
+    let (_, pki) = env.ca("cluster", &["sn", "a", "b"]).await;
+    let sn = env.supernode(&pki[0], Some(&registry.ca_file)).await;
+    let flags = [
+        "--registry",
+        REGISTRY_HOST,
+        "--origin-ca",
+        s(&registry.ca_file),
+    ];
+    let a = env.daemon(&pki[1], &[&sn], &flags).await;
+    let b = env.daemon(&pki[2], &[&sn], &flags).await;
+
+    let (path, data) = registry.blob("team/signed", (3 << 20) + 77, 3);
+    // The bytes live in "object storage"; the blob path only redirects there.
+    registry.file("/storage/layer-3", &data);
+    std::fs::remove_file(registry.root.join(path.trim_start_matches('/'))).unwrap();
+    for (tag, d, sig) in [("signed-a", &a, "one"), ("signed-b", &b, "two")] {
+        let signed = registry.url(&format!("/storage/layer-3?X-Signature={sig}"));
+        registry.server.set_fault(&path, Fault::Redirect(signed));
+        let got = curl(
+            &env,
+            tag,
+            &[
+                "-x",
+                &format!("http://{}", d.proxy),
+                "--cacert",
+                s(&proxy_ca(d)),
+                &registry.url(&path),
+            ],
+        )
+        .await;
+        assert_eq!(got.code, 0, "{}\n{}", got.stderr, d.log());
+        assert_eq!(got.status(), 200, "{}", got.head);
+        assert_eq!(sha256(&got.body), sha256(&data));
+        assert_eq!(
+            d.metric("d7q_proxy_requests_total{kind=\"blob_mesh\"}")
+                .await,
+            1.0,
+            "served from the mesh"
+        );
+    }
+    assert_eq!(
+        registry.server.get_count("/storage/layer-3"),
+        1,
+        "object storage was read once for both clients"
+    );
+}
