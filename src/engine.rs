@@ -1218,11 +1218,23 @@ pub async fn fetch_piece(
                 header.length
             )));
         }
-        let mut buf = vec![0u8; len as usize];
-        recv.read_exact(&mut buf)
-            .await
-            .map_err(|e| PieceError::Stream(e.to_string()))?;
-        let got: Sha256 = sha2::Sha256::digest(&buf).into();
+        // Hash each chunk as it arrives, while it is still in cache, instead of a second pass
+        // over the whole piece; and no zero-filled buffer to overwrite.
+        let mut buf = Vec::with_capacity(len as usize);
+        let mut hasher = sha2::Sha256::new();
+        while buf.len() < len as usize {
+            let want = len as usize - buf.len();
+            let chunk = recv
+                .read_chunk(want, true)
+                .await
+                .map_err(|e| PieceError::Stream(e.to_string()))?
+                .ok_or_else(|| {
+                    PieceError::Stream(format!("piece {index} ended after {} bytes", buf.len()))
+                })?;
+            hasher.update(&chunk.bytes);
+            buf.extend_from_slice(&chunk.bytes);
+        }
+        let got: Sha256 = hasher.finalize().into();
         if got != digest {
             return Err(PieceError::Corrupt);
         }

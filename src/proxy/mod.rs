@@ -257,7 +257,12 @@ fn mirror_target(proxy: &Proxy, query: Option<&str>) -> Option<Target> {
             .find_map(|p| p.strip_prefix("ns="))
             .filter(|v| !v.is_empty())
     });
-    let authority = match ns {
+    // containerd escapes the value (`ns=registry.example%3A5000`).
+    let ns = match ns {
+        Some(raw) => Some(percent_decode(raw)?),
+        None => None,
+    };
+    let authority = match ns.as_deref() {
         // Docker Hub's name for itself; its API lives elsewhere.
         Some("docker.io") => Authority::from_static(DEFAULT_MIRROR_UPSTREAM),
         Some(ns) => parse_upstream(ns)?,
@@ -267,6 +272,22 @@ fn mirror_target(proxy: &Proxy, query: Option<&str>) -> Option<Target> {
         scheme: Scheme::HTTPS,
         authority,
     })
+}
+
+/// `%XX` escapes decoded; `None` for a bad escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let (bytes, mut out, mut i) = (s.as_bytes(), Vec::with_capacity(s.len()), 0);
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `host[:port]` (an `https://` prefix and a trailing `/` tolerated), host names checked as the

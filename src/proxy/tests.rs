@@ -288,6 +288,16 @@ async fn passthrough_ca_health_and_unknown_paths() {
     assert_eq!(&body.unwrap()[..], b"{\"schemaVersion\":2}");
     assert_eq!(s.registry.get_count("/v2/lib/app/manifests/latest"), 1);
     assert_eq!(s.count(ProxyKind::Passthrough), 1);
+    // containerd escapes the value: `ns=host%3Aport`.
+    let escaped = format!(
+        "/v2/lib/app/manifests/latest?ns={}",
+        s.registry.addr().to_string().replace(':', "%3A")
+    );
+    let (status, _, _) = s.get(&escaped, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.registry.get_count("/v2/lib/app/manifests/latest"), 2);
+    let (status, _, _) = s.get("/v2/lib/app/manifests/latest?ns=bad%3", &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 
     let (status, headers, body) = s.get("/ca.crt", &[]).await;
     assert_eq!(status, StatusCode::OK);
@@ -299,7 +309,7 @@ async fn passthrough_ca_health_and_unknown_paths() {
     let (status, _, body) = s.get("/metrics", &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert!(String::from_utf8_lossy(&body.unwrap())
-        .contains("d7q_proxy_requests_total{kind=\"passthrough\"} 1\n"));
+        .contains("d7q_proxy_requests_total{kind=\"passthrough\"} 2\n"));
     assert_eq!(s.get("/nope", &[]).await.0, StatusCode::NOT_FOUND);
     assert_eq!(
         s.get("/v2/x?ns=bad_host!", &[]).await.0,
