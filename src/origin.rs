@@ -77,39 +77,45 @@ pub struct OriginResponse {
     got: u64,
 }
 
+/// HTTPS (and plain HTTP) connections trusting the system roots (and `SSL_CERT_FILE`) plus
+/// `extra_cas`: the one trust policy for origins and registries, shared by the supernode's
+/// back-to-source, the proxy's upstream and `d7q pull`. The error names the file at fault.
+pub fn https_connector(
+    extra_cas: &[PathBuf],
+) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    // Missing or unreadable system stores are not fatal: a cluster may trust only its own CA.
+    for c in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(c);
+    }
+    for path in extra_cas {
+        for c in pki::load_certs_file(path).map_err(|e| e.to_string())? {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_nodelay(true);
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http))
+}
+
 impl OriginClient {
     /// A client trusting the system roots (and `SSL_CERT_FILE`) plus `extra_cas`.
     pub fn new(extra_cas: &[PathBuf]) -> Result<Self, OriginError> {
-        let mut roots = rustls::RootCertStore::empty();
-        // Missing or unreadable system stores are not fatal: a cluster may trust only its own CA.
-        let native = rustls_native_certs::load_native_certs();
-        for c in native.certs {
-            let _ = roots.add(c);
-        }
-        for path in extra_cas {
-            let certs =
-                pki::load_certs_file(path).map_err(|e| OriginError::Invalid(e.to_string()))?;
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| OriginError::Invalid(format!("{}: {e}", path.display())))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| OriginError::Invalid(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = https_connector(extra_cas).map_err(OriginError::Invalid)?;
         let client = Client::builder(TokioExecutor::new()).build(https);
         Ok(Self { client })
     }

@@ -175,15 +175,19 @@ fn ca_params() -> CertificateParams {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+    write_private_file(path, bytes).map_err(io_err(path))
+}
+
+/// Writes a file readable by its owner only (private keys).
+pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    io::Write::write_all(&mut f, bytes).map_err(io_err(path))
+        .open(path)?;
+    io::Write::write_all(&mut f, bytes)
 }
 
 /// A node's identity: its certificate chain and key, and the cluster CA it trusts.

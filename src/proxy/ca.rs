@@ -254,15 +254,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CaError + '_ {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    io::Write::write_all(&mut f, bytes).map_err(io_err(path))
+    pki::write_private_file(path, bytes).map_err(io_err(path))
 }
 
 #[cfg(test)]

@@ -18,15 +18,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::pki;
-
 /// Errors carried by bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy sends or forwards.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Time to connect (TCP) to a registry or origin.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time to connect (TCP) to a registry or origin: the same as the back-to-source client's.
+pub const CONNECT_TIMEOUT: Duration = crate::origin::CONNECT_TIMEOUT;
 /// Time from a body-less request (GET, HEAD, DELETE) to the response head. Requests with a body
 /// (uploads) have none: the registry answers after the last byte, however long that takes.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -84,35 +82,7 @@ pub struct Upstream {
 impl Upstream {
     /// A client trusting the system roots (and `SSL_CERT_FILE`) plus `extra_cas`.
     pub fn new(extra_cas: &[PathBuf]) -> Result<Self, UpstreamError> {
-        let mut roots = rustls::RootCertStore::empty();
-        // As the origin client: a missing system store is not fatal.
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(c);
-        }
-        for path in extra_cas {
-            let certs =
-                pki::load_certs_file(path).map_err(|e| UpstreamError::Tls(e.to_string()))?;
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| UpstreamError::Tls(format!("{}: {e}", path.display())))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| UpstreamError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = crate::origin::https_connector(extra_cas).map_err(UpstreamError::Tls)?;
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

@@ -23,10 +23,7 @@ use serde::Deserialize;
 use super::auth::{self, AuthError, Challenge, Credentials, TokenCache, TokenKey};
 use super::manifest::{self, Manifest, ManifestError};
 use super::reference::Reference;
-use crate::pki;
 
-/// Time to connect (TCP) to a registry or token endpoint.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for a whole manifest or token request, headers and body.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest error body read to explain a failure.
@@ -163,34 +160,7 @@ impl RegistryClient {
         extra_cas: &[PathBuf],
         credentials: Option<Credentials>,
     ) -> Result<Self, RegistryError> {
-        let mut roots = rustls::RootCertStore::empty();
-        // Missing system stores are not fatal: a private registry may be trusted by --origin-ca.
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(c);
-        }
-        for path in extra_cas {
-            let certs =
-                pki::load_certs_file(path).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| RegistryError::Invalid(format!("{}: {e}", path.display())))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| RegistryError::Invalid(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut connector = HttpConnector::new();
-        connector.enforce_http(false);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(connector);
+        let https = crate::origin::https_connector(extra_cas).map_err(RegistryError::Invalid)?;
         Ok(Self {
             http: Client::builder(TokioExecutor::new()).build(https),
             credentials,
