@@ -493,8 +493,9 @@ pub fn require<T>(
 
 /// The daemon's local socket, used by the daemon to listen and by `d7q get`/`d7q pull` to find
 /// it: `$XDG_RUNTIME_DIR/d7q/daemon.sock` when that is set, else `/run/d7q/daemon.sock` for
-/// root, else `/tmp/d7q-$UID/daemon.sock`. The daemon creates the parent directory (mode 0700
-/// under /tmp, so another user cannot plant a socket there).
+/// root, else `/tmp/d7q-$UID/daemon.sock`. The daemon creates a missing parent directory 0700
+/// and refuses one another user owns or may write; clients refuse such a socket too
+/// ([`crate::local::check_socket`]).
 pub fn default_socket_path() -> PathBuf {
     let xdg = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty());
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -502,16 +503,20 @@ pub fn default_socket_path() -> PathBuf {
     socket_path_for(xdg.as_deref().map(Path::new), uid)
 }
 
-/// Where a client looks for a running daemon when `--daemon` is not given, in order: its own
-/// [`default_socket_path`], then the system daemon's `/run/d7q/daemon.sock` — a user's
-/// `d7q get` must find the daemon that systemd started as root.
+/// Where a client looks for a running daemon when `--daemon` is not given, in order: the
+/// system daemon's `/run/d7q/daemon.sock` (a user's `d7q get` must find the daemon that systemd
+/// started as root), then its own [`default_socket_path`]. /run first: only root can create
+/// names there, while a path under /tmp is one any local user might have planted.
 pub fn socket_candidates() -> Vec<PathBuf> {
-    let own = default_socket_path();
+    socket_candidates_for(default_socket_path())
+}
+
+fn socket_candidates_for(own: PathBuf) -> Vec<PathBuf> {
     let system = PathBuf::from(SYSTEM_SOCKET);
     if own == system {
-        vec![own]
+        vec![system]
     } else {
-        vec![own, system]
+        vec![system, own]
     }
 }
 
@@ -644,7 +649,8 @@ pub fn parse_registry(s: &str) -> Result<String, UnitError> {
     Ok(t)
 }
 
-const SYSTEM_SOCKET: &str = "/run/d7q/daemon.sock";
+/// The socket of the system's daemon (root's default).
+pub const SYSTEM_SOCKET: &str = "/run/d7q/daemon.sock";
 
 fn socket_path_for(xdg_runtime_dir: Option<&Path>, uid: u32) -> PathBuf {
     match xdg_runtime_dir {
@@ -1542,8 +1548,19 @@ dir = "proxy-ca"
             PathBuf::from("/tmp/d7q-1000/daemon.sock")
         );
         assert_eq!(
-            socket_candidates().last().unwrap(),
+            socket_candidates().first().unwrap(),
             Path::new("/run/d7q/daemon.sock")
+        );
+        assert_eq!(
+            socket_candidates_for(PathBuf::from("/tmp/d7q-1000/daemon.sock")),
+            [
+                PathBuf::from("/run/d7q/daemon.sock"),
+                PathBuf::from("/tmp/d7q-1000/daemon.sock")
+            ]
+        );
+        assert_eq!(
+            socket_candidates_for(PathBuf::from("/run/d7q/daemon.sock")),
+            [PathBuf::from("/run/d7q/daemon.sock")]
         );
     }
 }

@@ -185,7 +185,14 @@ impl From<GetError> for Failure {
 impl Daemon {
     /// Opens the store, binds the mesh endpoint, the local socket and the HTTP side.
     pub async fn start(cfg: DaemonConfig) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&cfg.data_dir)?;
+        // Private: the store holds layers some registry shows only to some clients, and the
+        // default proxy CA key lives here too. What an older build left open is tightened.
+        crate::store::private::create_dir(&cfg.data_dir)?;
+        crate::store::private::tighten_dir_entries(&cfg.data_dir)?;
+        let default_ca = cfg.data_dir.join("proxy-ca");
+        if default_ca.is_dir() {
+            crate::store::private::tighten_dir_entries(&default_ca)?;
+        }
         let node_id = load_node_id(&cfg.data_dir)?;
         let store = TaskStore::open(&cfg.data_dir)?;
         let s = store.open_summary();
@@ -884,7 +891,7 @@ fn load_node_id(dir: &std::path::Path) -> std::io::Result<NodeId> {
         }
     }
     let id = NodeId(rand::random());
-    std::fs::write(&path, id.to_string())?;
+    crate::store::private::write_file(&path, id.to_string().as_bytes())?;
     Ok(id)
 }
 

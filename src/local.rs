@@ -1,28 +1,46 @@
-//! The local API between `d7q get` and the daemon: a Unix socket speaking JSON lines.
+//! The local API between `d7q get` / `d7q pull` and the daemon: a Unix socket speaking JSON
+//! lines.
 //!
 //! The client sends one request line; the daemon answers with progress lines and one final
-//! line (`done` with the path of the verified content in its store, or `error` with the exit
-//! code and message `d7q get` reports). The client then places a copy itself, through a
-//! temporary file and a rename, with the user's own permissions.
+//! line: `error` with the exit code and message the client reports, or `done` with the length
+//! and SHA-256 of the content, followed by exactly that many bytes of it. The client writes them
+//! to a temporary file next to its output, with the user's own permissions, hashes them as they
+//! arrive, and renames the file into place only when the length, the daemon's digest and the
+//! user's `--digest` all match. Content travels over the socket rather than as a path in the
+//! daemon's store so that the store stays readable by the daemon's user only
+//! ([`crate::store::private`]), and so that a client never opens a file someone else named.
+//!
+//! Trust: a client talks only to a socket owned by root or by itself, reached through
+//! directories nobody else may change ([`check_socket`]); a socket another user planted (under
+//! /tmp, say) is refused with an error. Even then the client verifies what it receives.
+//!
+//! Bounds: [`MAX_REQUEST_LINE`], [`MAX_ANSWER_LINE`], [`MAX_CLIENTS`].
 
-use std::os::unix::fs::PermissionsExt;
+use std::fs::DirBuilder;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use sha2::Digest;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use crate::daemon::State;
+use crate::daemon::{Completed, State};
 use crate::peer::{GetError, GetOutcome, GetRequest, ProgressFn};
-use crate::store::{self, StoreError};
+use crate::store::TempOutput;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_LINE: usize = 256 << 10;
+/// Longest answer line a client accepts (progress, `done`, or an error message).
+pub const MAX_ANSWER_LINE: usize = 64 << 10;
 /// Local clients served at once.
 pub const MAX_CLIENTS: usize = 256;
+/// Bytes moved per read when content is sent or received over the socket.
+pub const CONTENT_CHUNK: usize = 1 << 20;
 
 /// A download request from a local client.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -41,10 +59,8 @@ pub struct Request {
 pub enum Answer {
     /// Bytes done, total.
     Progress(u64, u64),
-    /// The content is complete and verified at `path`.
+    /// The content is complete and verified; exactly `length` bytes of it follow this line.
     Done {
-        /// Path in the daemon's store.
-        path: PathBuf,
         /// Length.
         length: u64,
         /// SHA-256, `sha256:HEX`.
@@ -59,19 +75,102 @@ pub enum Answer {
     },
 }
 
+/// Why a client refuses a daemon socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// The path, or a directory on the way to it, could not be examined.
+    #[error("daemon socket {}: {source}", path.display())]
+    Io {
+        /// What was examined.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Something other than a socket is at the path.
+    #[error("daemon socket {}: not a socket", .0.display())]
+    NotASocket(PathBuf),
+    /// The socket, or a directory on the way to it, belongs to another user, who could answer
+    /// in the daemon's place.
+    #[error(
+        "refusing daemon socket {}: {} is owned by uid {owner}, not by root or you (uid {me})",
+        socket.display(), path.display()
+    )]
+    Owner {
+        /// The socket.
+        socket: PathBuf,
+        /// The socket or the directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
+    /// A directory on the way to the socket may be written by other users, who could replace
+    /// the socket.
+    #[error(
+        "refusing daemon socket {}: {} is writable by other users (mode {mode:04o})",
+        socket.display(), path.display()
+    )]
+    Writable {
+        /// The socket.
+        socket: PathBuf,
+        /// The directory.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
+}
+
 /// What the daemon does with a request.
 pub type Handler = Arc<dyn Fn(Request) -> watch::Receiver<State> + Send + Sync>;
 
 /// Binds the socket, replacing a stale one, readable and writable by the owner and group.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+///
+/// A missing directory is created 0700, except the system socket's (`/run/d7q`), created
+/// 0755 so that users reach the socket (whose own mode then decides). A directory that exists
+/// must belong to this user or root and be writable by nobody else, or the daemon refuses to
+/// start: another user could replace the socket and answer its clients.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.exists() {
+        let system = Path::new(crate::config::SYSTEM_SOCKET).parent();
+        let mode = if system == Some(dir.as_path()) {
+            0o755
+        } else {
+            0o700
+        };
+        DirBuilder::new().recursive(true).mode(mode).create(&dir)?;
+    }
+    let meta = std::fs::metadata(&dir)?;
+    let me = euid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "socket directory {} is owned by uid {}: another user could replace the socket",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if writable_by_others(meta.mode()) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "socket directory {} is writable by other users (mode {:04o})",
+                dir.display(),
+                meta.mode() & 0o7777
+            ),
+        ));
     }
     if path.exists() {
         // A socket nobody answers on is left over from a crash.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
                 format!("{} is in use by a running daemon", path.display()),
             ));
         }
@@ -102,12 +201,15 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
     }
 }
 
-async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> {
+async fn serve_one(stream: UnixStream, handler: Handler) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_LINE as u64));
-    reader.read_line(&mut line).await?;
-    let req: Request = match serde_json::from_str(&line) {
+    let mut reader = BufReader::new(read);
+    let req = match read_line(&mut reader, MAX_REQUEST_LINE).await {
+        Ok(Some(line)) => serde_json::from_slice::<Request>(&line).map_err(|e| e.to_string()),
+        Ok(None) => return Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
+    let req = match req {
         Ok(r) => r,
         Err(e) => {
             let a = Answer::Error {
@@ -124,14 +226,7 @@ async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> 
             State::Running(done, total) => {
                 write_answer(&mut write, &Answer::Progress(done, total)).await?
             }
-            State::Done(Ok(c)) => {
-                let a = Answer::Done {
-                    path: c.path,
-                    length: c.length,
-                    sha256: crate::task::format_digest(&c.sha256),
-                };
-                return write_answer(&mut write, &a).await;
-            }
+            State::Done(Ok(c)) => return send_content(&mut write, &c).await,
             State::Done(Err(f)) => {
                 return write_answer(
                     &mut write,
@@ -158,10 +253,77 @@ async fn serve_one(stream: UnixStream, handler: Handler) -> std::io::Result<()> 
     }
 }
 
-async fn write_answer(w: &mut tokio::net::unix::OwnedWriteHalf, a: &Answer) -> std::io::Result<()> {
+/// The `done` line and the content after it. The file is opened before the line is sent, so a
+/// collection that removes it afterwards does not cut the stream (the open file stays whole).
+async fn send_content(w: &mut tokio::net::unix::OwnedWriteHalf, c: &Completed) -> io::Result<()> {
+    let opened = match tokio::fs::File::open(&c.path).await {
+        Ok(f) => f.metadata().await.map(|m| (f, m.len())),
+        Err(e) => Err(e),
+    };
+    let file = match opened {
+        Ok((f, len)) if len == c.length => f,
+        Ok((_, len)) => {
+            let a = Answer::Error {
+                code: crate::exit::LOCAL,
+                message: format!(
+                    "daemon store {}: {len} bytes, expected {}",
+                    c.path.display(),
+                    c.length
+                ),
+            };
+            return write_answer(w, &a).await;
+        }
+        Err(e) => {
+            let a = Answer::Error {
+                code: crate::exit::LOCAL,
+                message: format!("daemon store {}: {e}", c.path.display()),
+            };
+            return write_answer(w, &a).await;
+        }
+    };
+    let done = Answer::Done {
+        length: c.length,
+        sha256: crate::task::format_digest(&c.sha256),
+    };
+    write_answer(w, &done).await?;
+    let mut content = BufReader::with_capacity(CONTENT_CHUNK, file.take(c.length));
+    let sent = tokio::io::copy_buf(&mut content, w).await?;
+    if sent != c.length {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{}: sent {sent} of {} bytes", c.path.display(), c.length),
+        ));
+    }
+    w.shutdown().await
+}
+
+async fn write_answer(w: &mut tokio::net::unix::OwnedWriteHalf, a: &Answer) -> io::Result<()> {
     let mut line = serde_json::to_vec(a).expect("answer serializes");
     line.push(b'\n');
     w.write_all(&line).await
+}
+
+/// One line of at most `max` bytes (without its `\n`); `None` at a clean end of stream. A
+/// longer line, or one cut by the end of the stream, is an error: the reader never buffers more
+/// than `max` bytes for a peer that sends no newline.
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let n = (&mut *r)
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.pop() != Some(b'\n') {
+        let msg = if n > max {
+            format!("line longer than {max} bytes")
+        } else {
+            "line cut short".to_string()
+        };
+        return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+    }
+    Ok(Some(line))
 }
 
 /// Whether a daemon answers on `path`.
@@ -169,15 +331,63 @@ pub fn daemon_running(path: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
-/// Downloads through the daemon at `socket` and places the result at `req.output`.
+/// Checks that `path` is a socket only root or this user could have put there: the socket and
+/// every directory above it owned by root or by this user, and no directory writable by other
+/// users unless it is sticky (`/tmp`: others may add names there but not replace ours).
+/// Returns the path with symlinks resolved — the one to connect to, so that a symlink swapped
+/// after the check leads nowhere new.
+pub fn check_socket(path: &Path) -> Result<PathBuf, SocketError> {
+    let io_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| SocketError::Io { path: p, source }
+    };
+    let real = std::fs::canonicalize(path).map_err(io_err(path))?;
+    let meta = std::fs::metadata(&real).map_err(io_err(&real))?;
+    if !meta.file_type().is_socket() {
+        return Err(SocketError::NotASocket(real));
+    }
+    let me = euid();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    if !trusted(meta.uid()) {
+        return Err(SocketError::Owner {
+            socket: real.clone(),
+            path: real.clone(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    for dir in real.ancestors().skip(1) {
+        let m = std::fs::metadata(dir).map_err(io_err(dir))?;
+        if !trusted(m.uid()) {
+            return Err(SocketError::Owner {
+                socket: real.clone(),
+                path: dir.to_path_buf(),
+                owner: m.uid(),
+                me,
+            });
+        }
+        if writable_by_others(m.mode()) {
+            return Err(SocketError::Writable {
+                socket: real.clone(),
+                path: dir.to_path_buf(),
+                mode: m.mode() & 0o7777,
+            });
+        }
+    }
+    Ok(real)
+}
+
+/// Downloads through the daemon at `socket` and places the result at `req.output`, verified
+/// against `req.digest` and against the length and digest the daemon announced.
 pub async fn get(
     socket: &Path,
     req: &GetRequest,
     progress: Option<ProgressFn>,
 ) -> Result<GetOutcome, GetError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| GetError::Mesh(format!("daemon socket {}: {e}", socket.display())))?;
+    let socket = check_socket(socket).map_err(|e| GetError::Mesh(e.to_string()))?;
+    let sock_err =
+        |e: io::Error| GetError::Mesh(format!("daemon socket {}: {e}", socket.display()));
+    let stream = UnixStream::connect(&socket).await.map_err(sock_err)?;
     let (read, mut write) = stream.into_split();
     let request = Request {
         url: req.url.clone(),
@@ -186,18 +396,14 @@ pub async fn get(
     };
     let mut line = serde_json::to_vec(&request).expect("request serializes");
     line.push(b'\n');
-    write
-        .write_all(&line)
-        .await
-        .map_err(|e| GetError::Mesh(format!("daemon socket: {e}")))?;
-    let mut lines = BufReader::new(read).lines();
+    write.write_all(&line).await.map_err(sock_err)?;
+    let mut reader = BufReader::with_capacity(CONTENT_CHUNK, read);
     loop {
-        let line = lines
-            .next_line()
+        let line = read_line(&mut reader, MAX_ANSWER_LINE)
             .await
-            .map_err(|e| GetError::Mesh(format!("daemon socket: {e}")))?
+            .map_err(sock_err)?
             .ok_or_else(|| GetError::Mesh("the daemon closed the connection".into()))?;
-        let answer: Answer = serde_json::from_str(&line)
+        let answer: Answer = serde_json::from_slice(&line)
             .map_err(|e| GetError::Mesh(format!("daemon answered nonsense: {e}")))?;
         match answer {
             Answer::Progress(done, total) => {
@@ -205,17 +411,10 @@ pub async fn get(
                     p(done, total);
                 }
             }
-            Answer::Done {
-                path,
-                length,
-                sha256,
-            } => {
-                let sha = crate::task::parse_digest(&sha256)
+            Answer::Done { length, sha256 } => {
+                let announced = crate::task::parse_digest(&sha256)
                     .ok_or_else(|| GetError::Mesh("daemon sent a bad digest".into()))?;
-                let output = req.output.clone();
-                tokio::task::spawn_blocking(move || place(&path, &output))
-                    .await
-                    .map_err(|e| GetError::Mesh(format!("placing the file: {e}")))??;
+                let sha = receive(&mut reader, length, announced, req).await?;
                 return Ok(GetOutcome {
                     length,
                     sha256: sha,
@@ -235,33 +434,95 @@ pub async fn get(
     }
 }
 
-/// Puts a copy of the store's file at `target` through a temporary name and a rename.
-fn place(source: &Path, target: &Path) -> Result<(), StoreError> {
-    let dir = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+/// Writes the `length` bytes after a `done` line to a temporary file beside `req.output`,
+/// hashing them on the way, and renames it into place only if they are all there and match
+/// both the daemon's digest and the user's. Disk writes run on a blocking thread, fed a chunk at
+/// a time, so the socket is read while the disk is written.
+async fn receive<R: AsyncRead + Unpin>(
+    from: &mut R,
+    length: u64,
+    announced: d7q_wire::Sha256,
+    req: &GetRequest,
+) -> Result<d7q_wire::Sha256, GetError> {
+    let out = {
+        let output = req.output.clone();
+        tokio::task::spawn_blocking(move || TempOutput::create(&output, length))
+            .await
+            .map_err(|e| GetError::Mesh(format!("placing the file: {e}")))??
     };
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.d7q-{:016x}.part", rand::random::<u64>()));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source: std::io::Error| StoreError::Io { path, source }
-    };
-    // A copy, not a hard link: the user may write to their file, and a shared inode would
-    // corrupt the store. std::fs::copy uses copy_file_range, so the bytes do not pass through
-    // this process (and filesystems that can share extents do).
-    let len = std::fs::metadata(source).map_err(io(source))?.len();
-    store::check_free_space(&dir, len)?;
-    let copied = std::fs::copy(source, &tmp).and_then(|_| std::fs::File::open(&tmp)?.sync_all());
-    if let Err(e) = copied {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(&tmp)(e));
+    let file = out.file_handle();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut hasher = sha2::Sha256::new();
+        let mut at = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
+            file.write_at(at, &chunk)?;
+            at += chunk.len() as u64;
+        }
+        Ok::<_, crate::store::StoreError>(<[u8; 32]>::from(hasher.finalize()))
+    });
+    let mut left = length;
+    let mut read_err = None;
+    while left > 0 {
+        let mut chunk = vec![0u8; (left.min(CONTENT_CHUNK as u64)) as usize];
+        match from.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => {
+                chunk.truncate(n);
+                left -= n as u64;
+                if tx.send(chunk).await.is_err() {
+                    // The writer failed; its error is the one to report.
+                    break;
+                }
+            }
+            Err(e) => {
+                read_err = Some(e);
+                break;
+            }
+        }
     }
-    std::fs::rename(&tmp, target).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(target)(e)
-    })
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| GetError::Mesh(format!("placing the file: {e}")))?;
+    // Every early return drops `out`, which removes the temporary file.
+    let sha = written?;
+    if left > 0 {
+        let why = read_err.map(|e| format!(": {e}")).unwrap_or_default();
+        return Err(GetError::Mesh(format!(
+            "the daemon sent {} of {length} bytes{why}",
+            length - left
+        )));
+    }
+    if let Some(want) = &req.digest {
+        if sha != *want {
+            return Err(GetError::Integrity(format!(
+                "content from the daemon is {}, not the expected {}",
+                crate::task::format_digest(&sha),
+                crate::task::format_digest(want)
+            )));
+        }
+    }
+    if sha != announced {
+        return Err(GetError::Integrity(format!(
+            "content from the daemon is {}, not the {} it announced",
+            crate::task::format_digest(&sha),
+            crate::task::format_digest(&announced)
+        )));
+    }
+    tokio::task::spawn_blocking(move || out.commit())
+        .await
+        .map_err(|e| GetError::Mesh(format!("placing the file: {e}")))??;
+    Ok(sha)
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Group- or other-writable, and not sticky.
+fn writable_by_others(mode: u32) -> bool {
+    mode & 0o022 != 0 && mode & 0o1000 == 0
 }

@@ -90,7 +90,7 @@ impl ClusterCa {
         if cert_path.exists() {
             return Err(PkiError::Exists(cert_path));
         }
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::store::private::create_dir(dir).map_err(io_err(dir))?;
         let ca = Self::generate()?;
         write_private(&dir.join(CA_KEY_FILE), ca.key.serialize_pem().as_bytes())?;
         fs::write(&cert_path, ca.cert.pem()).map_err(io_err(&cert_path))?;
@@ -100,6 +100,7 @@ impl ClusterCa {
     /// Loads the CA of `dir`.
     pub fn load(dir: &Path) -> Result<Self, PkiError> {
         let key_path = dir.join(CA_KEY_FILE);
+        let _ = crate::store::private::tighten(&key_path);
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let key = KeyPair::from_pem(&key_pem)?;
         // The issuer of a node certificate is named by the CA's distinguished name and
@@ -178,16 +179,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     write_private_file(path, bytes).map_err(io_err(path))
 }
 
-/// Writes a file readable by its owner only (private keys).
+/// Writes a file readable by its owner only (private keys); one that exists with a looser mode
+/// is tightened before the key is written into it.
 pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    io::Write::write_all(&mut f, bytes)
+    crate::store::private::write_file(path, bytes)
 }
 
 /// A node's identity: its certificate chain and key, and the cluster CA it trusts.
@@ -221,7 +216,7 @@ impl NodeIdentity {
 
     /// Writes the identity to `dir` (ca.pem, node.pem, node.key).
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::store::private::create_dir(dir).map_err(io_err(dir))?;
         let ca = dir.join(CA_CERT_FILE);
         fs::write(&ca, &self.ca_pem).map_err(io_err(&ca))?;
         let cert = dir.join(NODE_CERT_FILE);
@@ -234,6 +229,9 @@ impl NodeIdentity {
         let ca_path = dir.join(CA_CERT_FILE);
         let cert_path = dir.join(NODE_CERT_FILE);
         let key_path = dir.join(NODE_KEY_FILE);
+        // A key an older build (or a copy) left readable by others: take that away if we may
+        // (a read-only mount may not let us; the key is still usable).
+        let _ = crate::store::private::tighten(&key_path);
         let ca_pem = fs::read_to_string(&ca_path).map_err(io_err(&ca_path))?;
         let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;

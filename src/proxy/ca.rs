@@ -82,7 +82,7 @@ impl ProxyCa {
         if cert_path.exists() {
             return Err(CaError::Exists(cert_path));
         }
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::store::private::create_dir(dir).map_err(io_err(dir))?;
         let key = KeyPair::generate()?;
         let mut params = ca_params();
         if !domains.is_empty() {
@@ -99,13 +99,18 @@ impl ProxyCa {
         let cert = params.self_signed(&key)?;
         let pem = cert.pem();
         write_private(&dir.join(KEY_FILE), key.serialize_pem().as_bytes())?;
-        fs::write(&cert_path, &pem).map_err(io_err(&cert_path))?;
+        // Private too: by default the CA lives in the daemon's data directory, which is private
+        // throughout (`/ca.crt` serves the certificate to whoever needs it).
+        crate::store::private::write_file(&cert_path, pem.as_bytes())
+            .map_err(io_err(&cert_path))?;
         Ok(Self { cert, key, pem })
     }
 
     /// Loads the CA of `dir`.
     pub fn load(dir: &Path) -> Result<Self, CaError> {
         let key_path = dir.join(KEY_FILE);
+        // As for node keys: tightened if we may, usable if we may not (a read-only mount).
+        let _ = crate::store::private::tighten(&key_path);
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let key = KeyPair::from_pem(&key_pem)?;
         // As for the cluster CA: a leaf names its issuer by distinguished name and key

@@ -5,11 +5,12 @@
 //! writes never hold up network reads.
 
 pub mod gc;
+pub mod private;
 pub mod tasks;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -140,12 +141,19 @@ pub struct DataFile {
 }
 
 impl DataFile {
-    /// Creates `path` (which must not exist) with `len` bytes reserved on disk.
+    /// Creates `path` (which must not exist) with `len` bytes reserved on disk, readable by
+    /// this user only: a store file (see [`private`]).
     pub fn create(path: &Path, len: u64) -> Result<Self, StoreError> {
+        Self::create_mode(path, len, private::FILE_MODE)
+    }
+
+    /// [`DataFile::create`] with `mode` (before the umask).
+    fn create_mode(path: &Path, len: u64, mode: u32) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(mode)
             .open(path)
             .map_err(StoreError::io(path))?;
         let df = Self {
@@ -156,13 +164,14 @@ impl DataFile {
         Ok(df)
     }
 
-    /// Opens an existing data file.
+    /// Opens an existing store file, taking away what an older build let others read.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(StoreError::io(path))?;
+        private::tighten_open(&file, private::FILE_MODE).map_err(StoreError::io(path))?;
         Ok(Self {
             file,
             path: path.into(),
@@ -238,7 +247,8 @@ impl TempOutput {
             .unwrap_or_default();
         check_free_space(&dir, len)?;
         let tmp = dir.join(format!(".{name}.d7q-{:016x}.part", rand::random::<u64>()));
-        let data = Arc::new(DataFile::create(&tmp, len)?);
+        // The user's own file: their umask decides who may read it, as for any download.
+        let data = Arc::new(DataFile::create_mode(&tmp, len, 0o666)?);
         Ok(Self {
             data: Some(data),
             tmp,

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{check_free_space, DataFile, StoreError};
+use super::{check_free_space, private, DataFile, StoreError};
 use crate::task::{format_digest, parse_digest, Geometry};
 
 /// Metadata is rewritten after this many newly stored pieces (or [`FLUSH_EVERY_BYTES`]).
@@ -129,7 +129,10 @@ impl TaskStore {
     /// [`TaskStore::open`] with a choice of which tasks to scrub.
     pub fn open_with(root: &Path, scrub: Scrub) -> Result<TaskStore, StoreError> {
         let dir = root.join(TASKS_DIR);
-        fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
+        // Private, and tightened if an older build left the store readable by every local user.
+        private::create_dir(root).map_err(StoreError::io(root))?;
+        private::create_dir(&dir).map_err(StoreError::io(&dir))?;
+        private::tighten_dir_entries(&dir).map_err(StoreError::io(&dir))?;
         let inner = Arc::new(Inner {
             dir: dir.clone(),
             entries: Mutex::new(HashMap::new()),
@@ -1027,7 +1030,7 @@ fn load_entry(meta_path: &Path, dir: &Path, store: Weak<Inner>) -> Result<TaskEn
 fn write_meta(path: &Path, meta: &Meta) -> Result<(), StoreError> {
     let tmp = path.with_extension("meta.tmp");
     let json = serde_json::to_vec(meta).expect("metadata serializes");
-    let written = File::create(&tmp)
+    let written = private::create_file(&tmp)
         .and_then(|mut f| {
             f.write_all(&json)?;
             f.sync_all()
