@@ -218,7 +218,8 @@ struct DaemonArgs {
     /// [default: registry-1.docker.io].
     #[arg(long)]
     mirror_upstream: Option<String>,
-    /// Test only: serve corrupt pieces, to exercise bad-peer isolation.
+    /// Test only: serve corrupt pieces, to exercise bad-peer isolation. Refused unless the
+    /// environment sets `D7Q_DANGER_CORRUPT_UPLOADS=i-know-this-corrupts-data`.
     #[arg(long, hide = true)]
     danger_corrupt_uploads: bool,
     #[command(flatten)]
@@ -560,6 +561,12 @@ async fn daemon(a: Box<DaemonArgs>) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(exit::USAGE, &e),
     };
+    if cfg.danger_corrupt_uploads {
+        tracing::warn!(
+            "--danger-corrupt-uploads: this daemon serves CORRUPT pieces to its peers (a test \
+             switch); never run it in a real cluster"
+        );
+    }
     let d = match Daemon::start(cfg).await {
         Ok(d) => d,
         Err(e) => return fail(exit::FAILURE, &format!("{e:#}")),
@@ -640,7 +647,7 @@ fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
             "per-download-rate",
             file.per_download_rate,
         )?,
-        danger_corrupt_uploads: a.danger_corrupt_uploads,
+        danger_corrupt_uploads: danger_corrupt_uploads(a.danger_corrupt_uploads)?,
         registries: {
             let mut regs = Vec::new();
             for r in &a.registry {
@@ -689,6 +696,28 @@ fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
             }
         },
     })
+}
+
+/// The environment variable that must name the danger before `--danger-corrupt-uploads` is
+/// accepted, and the value it must have: a hidden flag alone is one typo in a unit file away
+/// from a production daemon that corrupts every upload.
+pub const DANGER_CORRUPT_UPLOADS_ENV: &str = "D7Q_DANGER_CORRUPT_UPLOADS";
+/// See [`DANGER_CORRUPT_UPLOADS_ENV`].
+pub const DANGER_CORRUPT_UPLOADS_ACK: &str = "i-know-this-corrupts-data";
+
+/// `--danger-corrupt-uploads`, accepted only with [`DANGER_CORRUPT_UPLOADS_ENV`] set to
+/// [`DANGER_CORRUPT_UPLOADS_ACK`].
+fn danger_corrupt_uploads(flag: bool) -> Result<bool, String> {
+    if !flag {
+        return Ok(false);
+    }
+    match std::env::var(DANGER_CORRUPT_UPLOADS_ENV) {
+        Ok(v) if v == DANGER_CORRUPT_UPLOADS_ACK => Ok(true),
+        _ => Err(format!(
+            "--danger-corrupt-uploads makes this daemon serve corrupt pieces (a test switch); \
+             refused unless {DANGER_CORRUPT_UPLOADS_ENV}={DANGER_CORRUPT_UPLOADS_ACK} is set"
+        )),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

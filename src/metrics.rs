@@ -108,6 +108,16 @@ pub enum FailureReason {
     Stream,
 }
 
+/// Why a download stopped using a parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParentDrop {
+    /// Dropped for what it served: a piece that failed verification, or too many failed
+    /// pieces (timeouts, refusals, broken streams); `d7q_piece_failures_total` says which.
+    Failures,
+    /// It could not be reached, or its session ended (handshake timeout, closed stream).
+    Gone,
+}
+
 /// What the daemon's proxy did with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyKind {
@@ -158,6 +168,7 @@ label!(FailureReason, "reason", [
     Refused => "refused",
     Stream => "stream",
 ]);
+label!(ParentDrop, "reason", [Failures => "failures", Gone => "gone"]);
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -245,6 +256,7 @@ pub struct Metrics {
     upload_bytes: Counter,
     tasks: Family<TaskState, Gauge>,
     piece_failures: Family<FailureReason, Counter>,
+    parents_dropped: Family<ParentDrop, Counter>,
     origin_bytes: Counter,
     origin_requests: Counter,
     peers_connected: Gauge,
@@ -263,6 +275,7 @@ impl Metrics {
             upload_bytes: Counter::default(),
             tasks: Family::default(),
             piece_failures: Family::default(),
+            parents_dropped: Family::default(),
             origin_bytes: Counter::default(),
             origin_requests: Counter::default(),
             peers_connected: Gauge::default(),
@@ -297,6 +310,11 @@ impl Metrics {
     /// `d7q_piece_failures_total{reason}`: pieces from a parent that were not used.
     pub fn piece_failures(&self, reason: FailureReason) -> &Counter {
         self.piece_failures.get(reason)
+    }
+
+    /// `d7q_parents_dropped_total{reason}`: parents a download stopped using, and why.
+    pub fn parents_dropped(&self, reason: ParentDrop) -> &Counter {
+        self.parents_dropped.get(reason)
     }
 
     /// `d7q_origin_bytes_total`: bytes fetched from origins (back-to-source).
@@ -391,6 +409,13 @@ impl Metrics {
             "gauge",
             "Mesh connections open now.",
             self.peers_connected.value(),
+        );
+        e.family(
+            "d7q_parents_dropped_total",
+            "counter",
+            "Parents a download stopped using, by reason.",
+            &self.parents_dropped,
+            |c| c.value().to_string(),
         );
         e.single(
             "d7q_pieces_served_total",
@@ -591,6 +616,7 @@ mod tests {
         m.tasks(TaskState::Running).dec();
         m.tasks(TaskState::Complete).set(3);
         m.piece_failures(FailureReason::DigestMismatch).inc();
+        m.parents_dropped(ParentDrop::Failures).add(2);
         m.origin_bytes().add(5);
         m.origin_requests().inc();
         m.peers_connected().set(4);
@@ -619,6 +645,10 @@ d7q_piece_failures_total{{reason=\"digest_mismatch\"}} 1
 d7q_piece_failures_total{{reason=\"timeout\"}} 0
 d7q_piece_failures_total{{reason=\"refused\"}} 0
 d7q_piece_failures_total{{reason=\"stream\"}} 0
+# HELP d7q_parents_dropped_total Parents a download stopped using, by reason.
+# TYPE d7q_parents_dropped_total counter
+d7q_parents_dropped_total{{reason=\"failures\"}} 2
+d7q_parents_dropped_total{{reason=\"gone\"}} 0
 # HELP d7q_origin_bytes_total Bytes fetched from origins (back-to-source).
 # TYPE d7q_origin_bytes_total counter
 d7q_origin_bytes_total 5

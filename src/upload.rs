@@ -13,7 +13,7 @@ use d7q_wire::{
     NodeId, PieceHeader, PieceRequest, PieceStatus, TaskId,
 };
 use tokio::sync::broadcast;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
 use crate::proto;
@@ -48,6 +48,9 @@ pub struct UploadConfig {
     /// Test-only: flip a byte of every served piece, to exercise bad-peer isolation.
     pub danger_corrupt: bool,
 }
+
+/// Pieces corrupted on purpose by this process (`danger_corrupt`), for the rate-limited warning.
+static CORRUPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Serves one accepted mesh connection from another node.
 pub async fn serve_connection<S: PieceStore>(
@@ -219,6 +222,11 @@ async fn piece<S: PieceStore>(
     if cfg.danger_corrupt {
         if let Some(b) = bytes.first_mut() {
             *b ^= 0xff;
+        }
+        // Loud, but rate-limited without a clock: the 1st, 2nd, 4th, 8th… corrupted piece.
+        let n = CORRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(%task, piece = index, corrupted = n, "--danger-corrupt-uploads: served a CORRUPT piece");
         }
     }
     let n = bytes.len() as u64;

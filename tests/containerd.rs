@@ -314,7 +314,7 @@ async fn containerd_pulls_through_the_daemon_as_a_hosts_toml_mirror() {
         registry.access_log()
     );
     let metrics = daemons[0].metrics().await;
-    let metric = |key: &str| metrics.get(key).copied().unwrap_or(0.0);
+    let metric = |key: &str| common::metric_of(&metrics, key);
     assert!(
         metric(BLOB_MESH) >= blobs as f64,
         "daemon 0 served {} blob requests from the mesh, want {blobs}",

@@ -207,7 +207,7 @@ async fn sample_while<T>(
                 samples.push(Sample {
                     at: Instant::now(),
                     bytes: counter(&m),
-                    running: m.get(TASKS_RUNNING).copied().unwrap_or(0.0),
+                    running: common::metric_of(&m, TASKS_RUNNING),
                 });
             }
         }
@@ -320,8 +320,7 @@ async fn the_upload_budget_holds_while_serving_several_peers() {
         )
         .await
     };
-    let uploads =
-        |m: &std::collections::BTreeMap<String, f64>| m.get(UPLOAD_BYTES).copied().unwrap_or(0.0);
+    let uploads = |m: &std::collections::BTreeMap<String, f64>| common::metric_of(m, UPLOAD_BYTES);
     let (samples, (u_out, outs)) =
         sample_while(&u, uploads, futures_util::future::join(u_get, rest)).await;
     u_out.ok();
@@ -440,8 +439,8 @@ async fn the_back_to_source_budget_holds_across_origin_downloads() {
                 let m = common::scrape(metrics).await;
                 samples.push(Sample {
                     at: Instant::now(),
-                    bytes: m.get("d7q_origin_bytes_total").copied().unwrap_or(0.0),
-                    running: m.get("d7q_tasks{state=\"running\"}").copied().unwrap_or(0.0),
+                    bytes: common::metric_of(&m, "d7q_origin_bytes_total"),
+                    running: common::metric_of(&m, "d7q_tasks{state=\"running\"}"),
                 });
             }
         }

@@ -166,7 +166,7 @@ async fn push_pull_through_the_mesh(auth: Auth) {
         through_mesh >= layer_len * 0.9,
         "daemon 1 moved {through_mesh} bytes through the mesh for a ~{layer_len}-byte layer"
     );
-    let metric = |key: &str| metrics.get(key).copied().unwrap_or(0.0);
+    let metric = |key: &str| common::metric_of(&metrics, key);
     assert!(
         metric(BLOB_MESH) >= blobs as f64,
         "daemon 1 served {} blob requests from the mesh, want {blobs}",
@@ -405,7 +405,7 @@ async fn docker_pulls_through_the_daemon_as_a_registry_mirror() {
         "image id (the config digest)"
     );
     let metrics = daemon.metrics().await;
-    let metric = |key: &str| metrics.get(key).copied().unwrap_or(0.0);
+    let metric = |key: &str| common::metric_of(&metrics, key);
     assert!(
         metric(BLOB_MESH) >= pushed.blobs().len() as f64,
         "the mirror served {} blob requests from the mesh:\n{}",

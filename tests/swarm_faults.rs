@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    assert_only, sha256_file, Daemon, Env, Output, DIGEST_MISMATCHES, PIECE, UPLOAD_BYTES,
+    assert_only, sha256_file, Daemon, Env, Output, Supernode, DIGEST_MISMATCHES, PIECE,
+    UPLOAD_BYTES,
 };
 use d7q::engine::PEER_IN_FLIGHT;
 use futures_util::future::join_all;
@@ -20,6 +21,30 @@ const POLL: Duration = Duration::from_millis(100);
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pieces of every file here are 1 MiB (files up to 1 GiB).
 const MIB: u64 = PIECE;
+/// What a daemon's environment must say before it accepts `--danger-corrupt-uploads`.
+const DANGER_ENV: (&str, &str) = ("D7Q_DANGER_CORRUPT_UPLOADS", "i-know-this-corrupts-data");
+
+/// A daemon that serves corrupt pieces (`--danger-corrupt-uploads`, with the variable that
+/// allows it).
+async fn corrupt_daemon(env: &Env, pki: &Path, sn: &Supernode) -> Daemon {
+    env.daemon_with_env(pki, &[sn], &["--danger-corrupt-uploads"], &[DANGER_ENV])
+        .await
+}
+
+/// The loud warnings a corrupting daemon must leave in its log: one at start, and one for its
+/// first corrupted piece.
+#[track_caller]
+fn assert_warned_of_corruption(bad: &Daemon) {
+    let log = bad.log();
+    assert!(
+        log.contains("WARN") && log.contains("this daemon serves CORRUPT pieces"),
+        "no start-up warning in the corrupt daemon's log:\n{log}"
+    );
+    assert!(
+        log.contains("served a CORRUPT piece") && log.contains("corrupted=1"),
+        "no warning for the first corrupted piece:\n{log}"
+    );
+}
 
 /// `d7q get URL -o OUT --daemon SOCKET` through daemon `d`.
 /// The arguments are copied at once: the future borrows only `env`.
@@ -63,6 +88,45 @@ fn assert_copy(out: &Path, name: &str, expected: &str) {
     );
 }
 
+/// The corruption switch is refused without the variable that names the danger (absent, or
+/// with any other value): a clear usage error that names the variable, and no daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_corruption_switch_needs_its_variable() {
+    let env = Env::new();
+    let (_ca, pkis) = env.ca("cluster", &["d"]).await;
+    let args: Vec<String> = [
+        "daemon",
+        "--listen",
+        "127.0.0.1:0",
+        "--proxy",
+        "127.0.0.1:0",
+        "--supernode",
+        "127.0.0.1:9",
+        "--danger-corrupt-uploads",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        env.dir("data").to_str().unwrap().to_owned(),
+        "--pki".to_owned(),
+        pkis[0].to_str().unwrap().to_owned(),
+        "--socket".to_owned(),
+        env.path().join("d.sock").to_str().unwrap().to_owned(),
+    ])
+    .collect();
+    let wrong = [(DANGER_ENV.0.to_owned(), "yes".to_owned())];
+    for envs in [&[][..], &wrong[..]] {
+        let out = env.run_with(&args, envs, common::TIMEOUT).await;
+        out.fails(
+            2,
+            "--danger-corrupt-uploads makes this daemon serve corrupt pieces (a test switch); \
+             refused unless D7Q_DANGER_CORRUPT_UPLOADS=i-know-this-corrupts-data is set",
+        );
+        assert!(!out.stdout.contains("ready"), "{out}");
+    }
+}
+
 /// A corrupt daemon that completed its download first holds every piece; the honest daemons that
 /// come after meet it as a parent, catch its corrupt pieces, drop it and report it; the supernode
 /// never hands it out again, so a daemon that comes later still does not meet it at all.
@@ -77,9 +141,7 @@ async fn a_corrupt_peer_that_finished_first_is_isolated() {
         .ca("cluster", &["sn", "bad", "h0", "h1", "h2", "late"])
         .await;
     let sn = env.supernode(&pkis[0], Some(&origin.ca_file)).await;
-    let bad = env
-        .daemon(&pkis[1], &[&sn], &["--danger-corrupt-uploads"])
-        .await;
+    let bad = corrupt_daemon(&env, &pkis[1], &sn).await;
     let url = origin.url("layer.bin");
     let out = env.dir("out");
 
@@ -142,6 +204,7 @@ async fn a_corrupt_peer_that_finished_first_is_isolated() {
         "the isolated daemon kept uploading"
     );
     assert_eq!(origin.gets("layer.bin"), 1, "origin GETs");
+    assert_warned_of_corruption(&bad);
     eprintln!("digest mismatches {mismatches:?}; the corrupt daemon uploaded {bad_uploaded} bytes");
 }
 
@@ -157,9 +220,7 @@ async fn a_corrupt_peer_downloading_with_the_swarm_is_isolated() {
     let expected = origin.file("layer.bin", LEN);
     let (_ca, pkis) = env.ca("cluster", &["sn", "bad", "h0", "h1", "h2"]).await;
     let sn = env.supernode(&pkis[0], Some(&origin.ca_file)).await;
-    let bad = env
-        .daemon(&pkis[1], &[&sn], &["--danger-corrupt-uploads"])
-        .await;
+    let bad = corrupt_daemon(&env, &pkis[1], &sn).await;
     let mut honest = Vec::new();
     for pki in &pkis[2..] {
         honest.push(env.daemon(pki, &[&sn], &[]).await);
@@ -204,6 +265,7 @@ async fn a_corrupt_peer_downloading_with_the_swarm_is_isolated() {
         "the supernode log shows no digest-mismatch report:\n{log}"
     );
     assert_eq!(origin.gets("layer.bin"), 1, "origin GETs");
+    assert_warned_of_corruption(&bad);
     eprintln!("digest mismatches {mismatches:?}; the corrupt daemon uploaded {bad_uploaded} bytes");
 }
 
@@ -242,7 +304,7 @@ async fn a_peer_killed_mid_transfer_does_not_stop_the_others() {
         if common::downloaded(&m) >= LEN as f64 {
             return Some(None); // finished before it served enough: nothing to kill mid-way
         }
-        let up = m.get(UPLOAD_BYTES).copied().unwrap_or(0.0);
+        let up = common::metric_of(&m, UPLOAD_BYTES);
         (up >= 4.0 * MIB as f64).then(|| {
             victim.signal(libc::SIGKILL);
             Some((up, common::downloaded(&m)))

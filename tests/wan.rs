@@ -357,7 +357,7 @@ async fn a_supernode_whose_upstream_dies_finishes_from_the_origin_keeping_its_pi
             Duration::from_millis(50),
             || async {
                 let m = common::scrape(sn_b_metrics).await;
-                (m.get(FROM_UPSTREAM).copied().unwrap_or(0.0) >= (4 * MIB) as f64).then_some(())
+                (common::metric_of(&m, FROM_UPSTREAM) >= (4 * MIB) as f64).then_some(())
             },
         )
         .await
@@ -370,7 +370,7 @@ async fn a_supernode_whose_upstream_dies_finishes_from_the_origin_keeping_its_pi
     // dc-a's supernode read it once, then dc-b's went to the origin itself.
     assert_eq!(origin.gets("orphan.bin"), 2);
     let m = common::scrape(sn_b_metrics).await;
-    let upstream = m.get(FROM_UPSTREAM).copied().unwrap_or(0.0);
+    let upstream = common::metric_of(&m, FROM_UPSTREAM);
     assert!(
         upstream >= (4 * MIB) as f64 && upstream < LEN as f64,
         "{upstream} bytes from upstream"

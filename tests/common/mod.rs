@@ -312,6 +312,17 @@ impl Env {
     /// Starts `d7q daemon` with identity `pki` against `supernodes`, plus `extra` flags, and
     /// waits for its `ready mesh=… proxy=… socket=…` line.
     pub async fn daemon(&self, pki: &Path, supernodes: &[&Supernode], extra: &[&str]) -> Daemon {
+        self.daemon_with_env(pki, supernodes, extra, &[]).await
+    }
+
+    /// [`Env::daemon`] with extra environment variables (`NAME`, `VALUE`).
+    pub async fn daemon_with_env(
+        &self,
+        pki: &Path,
+        supernodes: &[&Supernode],
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Daemon {
         let name = pki
             .file_name()
             .and_then(|n| n.to_str())
@@ -339,6 +350,7 @@ impl Env {
         for sn in supernodes {
             cmd.arg("--supernode").arg(sn.addr());
         }
+        cmd.envs(envs.iter().copied());
         cmd.stdout(Stdio::piped()).stderr(Stdio::from(log_file));
         let mut child = cmd.spawn().expect("spawn daemon");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -532,15 +544,62 @@ impl Daemon {
         }
     }
 
-    /// One metric by its full `name{labels}` key; 0 when the daemon does not export it.
-    pub async fn metric(&self, key: &str) -> f64 {
-        self.metrics().await.get(key).copied().unwrap_or(0.0)
+    /// One metric by its full `name{labels}` key. A key the daemon does not export fails the
+    /// test (see [`metric_of`]).
+    #[track_caller]
+    pub fn metric(&self, key: &str) -> impl std::future::Future<Output = f64> + '_ {
+        // `#[track_caller]` does not reach into an `async fn`'s body: take the caller here.
+        let caller = std::panic::Location::caller();
+        let key = key.to_owned();
+        async move { metric_at(&self.metrics().await, &key, caller) }
     }
 
     /// Verified bytes it received from every source (`d7q_download_bytes_total`, summed).
     pub async fn downloaded(&self) -> f64 {
         downloaded(&self.metrics().await)
     }
+}
+
+/// One series of parsed metrics by its full `name{labels}` key. A missing key fails the test,
+/// naming the key and the series of the same metric name that are present: a renamed metric or
+/// label must not read as 0 and let "equals 0" pass.
+#[track_caller]
+pub fn metric_of(metrics: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    metric_at(metrics, key, std::panic::Location::caller())
+}
+
+fn metric_at(
+    metrics: &std::collections::BTreeMap<String, f64>,
+    key: &str,
+    caller: &std::panic::Location<'_>,
+) -> f64 {
+    if let Some(v) = metrics.get(key) {
+        return *v;
+    }
+    let name = key.split('{').next().unwrap_or(key);
+    // The same metric under other labels, else anything sharing the name's first two words.
+    let stem: String = name.splitn(3, '_').take(2).collect::<Vec<_>>().join("_");
+    let mut similar: Vec<&str> = metrics
+        .keys()
+        .filter(|k| k.split('{').next() == Some(name))
+        .map(String::as_str)
+        .collect();
+    if similar.is_empty() {
+        similar = metrics
+            .keys()
+            .filter(|k| k.starts_with(&stem))
+            .map(String::as_str)
+            .collect();
+    }
+    panic!(
+        "{caller}: no metric {key:?} is exported ({} series scraped); similar: {}",
+        metrics.len(),
+        if similar.is_empty() {
+            "none".to_string()
+        } else {
+            similar.join(", ")
+        }
+    )
 }
 
 /// `d7q_download_bytes_total` summed over its sources, from parsed metrics.
