@@ -5,6 +5,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Prerequisites of the privileged tests (netsim's TUN link and scenarios, and every test that
+# builds a network from namespaces): root and a working /dev/net/tun. Checked once, up front, so
+# that a missing one stops the run with its fix instead of letting those tests skip; then
+# D7Q_REQUIRE_PRIVILEGED=1 makes any such test that still finds one missing fail, not skip.
+if [ "$(id -u)" -ne 0 ]; then
+    echo "error: the tests need root (network namespaces, TUN devices); run: sudo $0" >&2
+    exit 1
+fi
+# A character device that opens (`<>` alone would create a plain file where none exists).
+tun_usable() { [ -c /dev/net/tun ] && (: <>/dev/net/tun) 2>/dev/null; }
+if ! tun_usable; then
+    # The driver may be a module not yet loaded, or the device node missing (minimal images).
+    if command -v modprobe >/dev/null; then modprobe tun 2>/dev/null || true; fi
+    if [ ! -e /dev/net/tun ]; then
+        mkdir -p /dev/net && mknod -m 0666 /dev/net/tun c 10 200 || true
+    fi
+fi
+if ! tun_usable; then
+    echo "error: /dev/net/tun is missing or unusable and could not be made so;" \
+        "load the module (modprobe tun) or, in a container, pass the device" \
+        "(docker run --device /dev/net/tun --cap-add NET_ADMIN)" >&2
+    exit 1
+fi
+export D7Q_REQUIRE_PRIVILEGED=1
+
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v curl >/dev/null || need_apt+=(curl)

@@ -88,6 +88,48 @@ pub struct LinkStats {
     pub dropped_bytes: u64,
     /// Packets dropped, by reason.
     pub dropped: DropCounts,
+    /// The time in the link the model scheduled for each delivered packet (its arrival minus
+    /// the `now` it was offered at): queueing, transmission, delay, jitter and any hold-back.
+    /// What the emulator decided, so independent of how promptly a relay then acts on it.
+    pub scheduled_delay: DurationSummary,
+    /// What the bottleneck did; all zero without a rate.
+    pub shaper: ShaperStats,
+    /// Link time (since the link's start) of every packet dropped by a partition: `min` is the
+    /// first such drop and `max` the last, so both can be checked against the windows.
+    pub partition_drop_at: DurationSummary,
+}
+
+/// Count, sum, least and greatest of a set of durations, in nanoseconds (saturating), so that
+/// a summary stays a few integers however many packets it covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurationSummary {
+    /// How many durations were recorded.
+    pub count: u64,
+    /// Their sum.
+    pub sum_ns: u64,
+    /// The least (0 when none were recorded).
+    pub min_ns: u64,
+    /// The greatest (0 when none were recorded).
+    pub max_ns: u64,
+}
+
+/// What the rate-limited bottleneck did with the packets it accepted (those not dropped by a
+/// partition, the MTU or a full queue; packets lost after it still took its time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShaperStats {
+    /// Packets accepted.
+    pub accepted_packets: u64,
+    /// Bytes accepted.
+    pub accepted_bytes: u64,
+    /// Accepted packets that found the bottleneck busy and waited behind others.
+    pub queued_packets: u64,
+    /// How long each accepted packet waited before its transmission began (zero when idle).
+    pub wait: DurationSummary,
+    /// Transmission time the bottleneck spent on accepted packets: their bits over the rate.
+    pub busy_ns: u64,
+    /// Most bytes waiting (the accepted packet included) right after a packet was accepted;
+    /// never above the queue size, except for the one packet an idle link always takes.
+    pub peak_backlog_bytes: u64,
 }
 
 /// Dropped packets by [`DropReason`].
@@ -140,6 +182,51 @@ impl Verdict {
     }
 }
 
+impl DurationSummary {
+    /// Adds one duration.
+    pub fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        if self.count == 0 {
+            (self.min_ns, self.max_ns) = (ns, ns);
+        } else {
+            self.min_ns = self.min_ns.min(ns);
+            self.max_ns = self.max_ns.max(ns);
+        }
+        self.count += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+    }
+
+    /// Adds every duration another summary holds.
+    pub fn merge(&mut self, other: &DurationSummary) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = *other;
+            return;
+        }
+        self.count += other.count;
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
+        self.min_ns = self.min_ns.min(other.min_ns);
+        self.max_ns = self.max_ns.max(other.max_ns);
+    }
+
+    /// The least duration, if any was recorded.
+    pub fn min(&self) -> Option<Duration> {
+        (self.count > 0).then(|| Duration::from_nanos(self.min_ns))
+    }
+
+    /// The greatest duration, if any was recorded.
+    pub fn max(&self) -> Option<Duration> {
+        (self.count > 0).then(|| Duration::from_nanos(self.max_ns))
+    }
+
+    /// The mean, if any duration was recorded.
+    pub fn mean(&self) -> Option<Duration> {
+        (self.count > 0).then(|| Duration::from_nanos(self.sum_ns / self.count))
+    }
+}
+
 impl Link {
     /// A link that starts (for its partition schedule) at `start`, drawing from `seed`.
     pub fn new(config: LinkConfig, seed: u64, start: Instant) -> Result<Self, ConfigError> {
@@ -170,14 +257,21 @@ impl Link {
                 self.stats.dropped_bytes += bytes;
                 let d = &mut self.stats.dropped;
                 match reason {
-                    DropReason::Partition => d.partition += 1,
+                    DropReason::Partition => {
+                        d.partition += 1;
+                        let at = now.saturating_duration_since(self.start);
+                        self.stats.partition_drop_at.record(at);
+                    }
                     DropReason::Mtu => d.mtu += 1,
                     DropReason::QueueFull => d.queue_full += 1,
                     DropReason::RandomLoss => d.random_loss += 1,
                     DropReason::BurstLoss => d.burst_loss += 1,
                 }
             }
-            Verdict::Delivered { duplicate_at, .. } => {
+            Verdict::Delivered { at, duplicate_at } => {
+                self.stats
+                    .scheduled_delay
+                    .record(at.saturating_duration_since(now));
                 self.stats.delivered_packets += 1;
                 self.stats.delivered_bytes += bytes;
                 if duplicate_at.is_some() {
@@ -305,6 +399,18 @@ impl Link {
         let transmit = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
         let done = self.busy_until.max(now) + transmit;
         self.busy_until = done;
+        let shaper = &mut self.stats.shaper;
+        shaper.accepted_packets += 1;
+        shaper.accepted_bytes += len as u64;
+        if !waiting.is_zero() {
+            shaper.queued_packets += 1;
+        }
+        shaper.wait.record(waiting);
+        shaper.busy_ns = shaper
+            .busy_ns
+            .saturating_add(u64::try_from(nanos).unwrap_or(u64::MAX));
+        let backlog = u64::try_from(backlog).unwrap_or(u64::MAX);
+        shaper.peak_backlog_bytes = shaper.peak_backlog_bytes.max(backlog + len as u64);
         Some(done)
     }
 
@@ -431,6 +537,18 @@ mod tests {
         for (i, t) in times.iter().enumerate() {
             assert_eq!(*t - start, ms(10) + ms(1) * (i as u32 + 1), "packet {i}");
         }
+        // The counters say the same: packet i waited i ms, took 1 ms and flew 10 ms.
+        let s = l.stats();
+        assert_eq!(s.scheduled_delay.count, 50);
+        assert_eq!(s.scheduled_delay.min(), Some(ms(11)));
+        assert_eq!(s.scheduled_delay.max(), Some(ms(60)));
+        assert_eq!(s.scheduled_delay.sum_ns, (11..=60).sum::<u64>() * 1_000_000);
+        assert_eq!(s.shaper.accepted_packets, 50);
+        assert_eq!(s.shaper.accepted_bytes, 50_000);
+        assert_eq!(s.shaper.queued_packets, 49);
+        assert_eq!(s.shaper.wait.max(), Some(ms(49)));
+        assert_eq!(s.shaper.busy_ns, 50_000_000);
+        assert_eq!(s.shaper.peak_backlog_bytes, 50_000);
     }
 
     #[test]
@@ -443,6 +561,12 @@ mod tests {
             };
             assert_eq!(*at - start, ms(5) * i as u32 + ms(1));
         }
+        let s = l.stats();
+        assert_eq!(s.shaper.queued_packets, 0);
+        assert_eq!(s.shaper.wait.max(), Some(Duration::ZERO));
+        assert_eq!(s.shaper.peak_backlog_bytes, 1000);
+        assert_eq!(s.scheduled_delay.min(), Some(ms(1)));
+        assert_eq!(s.scheduled_delay.max(), Some(ms(1)));
     }
 
     #[test]
@@ -456,6 +580,8 @@ mod tests {
             .iter()
             .all(|v| v.drop_reason() == Some(DropReason::QueueFull)));
         assert_eq!(l.stats().dropped.queue_full, 90);
+        assert_eq!(l.stats().shaper.accepted_packets, 10);
+        assert_eq!(l.stats().shaper.peak_backlog_bytes, 10_000);
         // Once the queue drains, packets are accepted again.
         let later = l.handle_packet(start + Duration::from_secs(10), 1000);
         assert!(later.drop_reason().is_none());
@@ -476,6 +602,13 @@ mod tests {
             assert_eq!(verdict.drop_reason().is_some(), inside, "packet at {t} ms");
         }
         assert_eq!(l.stats().dropped.partition, 501);
+        let at = l.stats().partition_drop_at;
+        assert_eq!(
+            (at.count, at.min(), at.max()),
+            (501, Some(ms(1000)), Some(ms(3000)))
+        );
+        // With no delay and no rate, every delivered packet is due the instant it is offered.
+        assert_eq!(l.stats().scheduled_delay.max(), Some(Duration::ZERO));
     }
 
     #[test]
@@ -528,6 +661,34 @@ mod tests {
             );
             previous = at;
         }
+        let d = l.stats().scheduled_delay;
+        assert_eq!(d.count, 10_000);
+        assert!(
+            d.min().unwrap() >= ms(40) && d.max().unwrap() <= ms(60),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn duration_summaries_merge_like_one_summary() {
+        let (mut a, mut b, mut all) =
+            <(DurationSummary, DurationSummary, DurationSummary)>::default();
+        for (i, d) in [7u64, 3, 9, 1, 4].into_iter().enumerate() {
+            let d = ms(d);
+            let part: &mut DurationSummary = if i % 2 == 0 { &mut a } else { &mut b };
+            part.record(d);
+            all.record(d);
+        }
+        let mut merged = DurationSummary::default();
+        merged.merge(&a);
+        merged.merge(&b);
+        merged.merge(&DurationSummary::default());
+        assert_eq!(merged, all);
+        assert_eq!(
+            (all.min(), all.max(), all.count),
+            (Some(ms(1)), Some(ms(9)), 5)
+        );
+        assert_eq!(DurationSummary::default().mean(), None);
     }
 
     #[test]

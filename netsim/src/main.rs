@@ -10,9 +10,16 @@
 //! TUN device in each and puts every IP packet through the links (root). It prints `ready` once
 //! packets flow; SIGINT or SIGTERM removes the devices and the namespaces it made.
 //!
+//! `netsim bench-link [--path tun|relay] [--up CONFIG] [--down CONFIG] [--seed N] [--probes N]
+//! [--bytes N] [--json FILE]` measures what the tests do not assert: round trips and bulk goodput
+//! through an emulated path on this machine, next to what the links scheduled and how late the
+//! emulator ran (`tun`: TCP between two namespaces, root; `relay`: UDP on 127.0.0.1).
+//!
 //! `netsim scenario FILE --out DIR` runs a scenario file (see `d7q_netsim::scenario`) and writes
 //! `DIR/result.json`, `DIR/summary.txt` and `DIR/completion.svg`; it exits 0 when every workload
 //! node completed, 1 otherwise.
+
+mod bench;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -46,6 +53,8 @@ enum Command {
     TunLink(TunLinkArgs),
     /// Run a scenario file: namespaces per node, emulated links, real processes, faults (root).
     Scenario(ScenarioArgs),
+    /// Measure round trips and bulk goodput through an emulated path on this machine.
+    BenchLink(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Relay(args) => relay(args).await,
         Command::TunLink(args) => tun_link(args).await,
         Command::Scenario(args) => scenario(args).await,
+        Command::BenchLink(args) => bench::run(args).await,
     }
 }
 

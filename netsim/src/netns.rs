@@ -6,7 +6,8 @@
 //! process to live in the namespace — start those with `ip netns exec`.
 //! Everything here needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,6 +15,8 @@ use thiserror::Error;
 
 use crate::tun::sys;
 
+/// The TUN clone device.
+const TUN_DEVICE: &str = "/dev/net/tun";
 /// Where `ip netns` keeps its namespaces.
 const NETNS_DIR: &str = "/run/netns";
 /// Longest namespace name accepted (a file name, kept short for readable `ip` output).
@@ -154,17 +157,31 @@ pub fn ip(args: &[&str]) -> Result<String, NetnsError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// True when this process can make namespaces and TUN devices: root and `/dev/net/tun`.
-/// Returns why not otherwise, for tests that skip.
+/// True when this process can make namespaces and TUN devices: root, a usable `/dev/net/tun`
+/// and `ip`. Otherwise says what is missing and how to provide it, for a caller to print.
 pub fn privileged() -> Result<(), String> {
-    if effective_uid() != 0 {
-        return Err("not root".into());
+    let uid = effective_uid();
+    if uid != 0 {
+        return Err(format!(
+            "not root (effective uid {uid}): run as root, e.g. with sudo"
+        ));
     }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err("no /dev/net/tun".into());
+    let tun = Path::new(TUN_DEVICE);
+    if !std::fs::metadata(tun).is_ok_and(|m| m.file_type().is_char_device()) {
+        return Err(format!(
+            "no {TUN_DEVICE}: load the module (`modprobe tun`) or make the node \
+             (`mkdir -p /dev/net && mknod {TUN_DEVICE} c 10 200`)"
+        ));
+    }
+    // The node can exist while the driver behind it does not (ENODEV on open); opening without
+    // attaching an interface has no effect.
+    if let Err(e) = OpenOptions::new().read(true).write(true).open(tun) {
+        return Err(format!(
+            "cannot open {TUN_DEVICE} ({e}): load the module (`modprobe tun`)"
+        ));
     }
     if Command::new("ip").arg("-V").output().is_err() {
-        return Err("no `ip` (iproute2)".into());
+        return Err("no `ip`: install iproute2 (`apt-get install iproute2`)".into());
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::Instrument;
 
-use crate::link::{ConfigError, Link, LinkConfig, LinkStats};
+use crate::link::{ConfigError, DurationSummary, Link, LinkConfig, LinkStats};
 
 /// Receive buffer size: the largest UDP payload, so nothing is ever truncated.
 pub const MAX_DATAGRAM_SIZE: usize = 65_535;
@@ -107,6 +107,10 @@ pub struct RelayStats {
     pub send_errors: u64,
     /// Receives that failed.
     pub recv_errors: u64,
+    /// How long after its scheduled arrival each packet was handed to the socket: the relay's
+    /// own lateness in real time, which grows on a loaded machine. For benchmarks; the
+    /// schedule itself is in each link's `scheduled_delay`.
+    pub lateness: DurationSummary,
 }
 
 /// One session as seen from outside.
@@ -586,15 +590,24 @@ async fn scheduler(shared: Arc<Shared>, idle_timeout: Duration) {
             }
             state.pending.peek().map(|Reverse(p)| p.at)
         };
-        for (socket, packet) in due.drain(..) {
-            let sent = match socket {
-                Some(upstream) => upstream.send(&packet.data).await,
-                None => shared.listen.send_to(&packet.data, packet.client).await,
-            };
-            if let Err(error) = sent {
-                tracing::debug!(client = %packet.client, direction = ?packet.direction, %error, "send failed");
-                shared.lock().stats.send_errors += 1;
+        if !due.is_empty() {
+            let mut lateness = DurationSummary::default();
+            let mut failed = 0;
+            for (socket, packet) in due.drain(..) {
+                lateness.record(clock().saturating_duration_since(packet.at));
+                let sent = match socket {
+                    Some(upstream) => upstream.send(&packet.data).await,
+                    None => shared.listen.send_to(&packet.data, packet.client).await,
+                };
+                if let Err(error) = sent {
+                    tracing::debug!(client = %packet.client, direction = ?packet.direction, %error, "send failed");
+                    failed += 1;
+                }
             }
+            // Once per batch, so a burst of due packets takes the lock once, not per packet.
+            let mut state = shared.lock();
+            state.stats.lateness.merge(&lateness);
+            state.stats.send_errors += failed;
         }
         let deadline = next_at.unwrap_or(now + IDLE_WAIT).min(next_sweep);
         tokio::select! {

@@ -36,7 +36,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::link::{ConfigError, Link, LinkConfig, LinkStats};
+use crate::link::{ConfigError, DurationSummary, Link, LinkConfig, LinkStats};
 use crate::netns::{self, NetnsError, OwnedNetns};
 
 /// Largest packet read from a TUN device (the largest IPv4 datagram).
@@ -165,6 +165,10 @@ pub struct SwitchStats {
     pub write_errors: u64,
     /// Reads that failed.
     pub read_errors: u64,
+    /// How long after its scheduled arrival each packet was written into its port: the
+    /// switch's own lateness in real time, which grows on a loaded machine. For benchmarks;
+    /// the schedule itself is in each link's `scheduled_delay`.
+    pub lateness: DurationSummary,
 }
 
 /// A running switch. Dropping it stops the tasks and closes the devices, which deletes them.
@@ -775,7 +779,9 @@ async fn scheduler(shared: Arc<Shared>) {
         };
         if !due.is_empty() {
             let (mut written, mut failed) = (0, 0);
+            let mut lateness = DurationSummary::default();
             for p in due.drain(..) {
+                lateness.record(clock().saturating_duration_since(p.at));
                 match sys::write(shared.ports[p.port].fd.get_ref().as_fd(), &p.data) {
                     Ok(_) => written += 1,
                     Err(error) => {
@@ -787,6 +793,7 @@ async fn scheduler(shared: Arc<Shared>) {
             let mut state = shared.lock();
             state.stats.written_packets += written;
             state.stats.write_errors += failed;
+            state.stats.lateness.merge(&lateness);
         }
         let wait = next.map_or(IDLE_WAIT, |at| at.saturating_duration_since(clock()));
         if wait.is_zero() {
