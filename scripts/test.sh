@@ -39,6 +39,8 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
 command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
+# The origin tests (tests/nginx.rs): a real HTTPS server nobody here wrote.
+command -v nginx >/dev/null || need_apt+=(nginx)
 # The Docker-engine tests (tests/docker.rs): dockerd, containerd, runc.
 command -v dockerd >/dev/null || need_apt+=(docker.io)
 if [ ${#need_apt[@]} -gt 0 ]; then

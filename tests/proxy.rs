@@ -1,7 +1,11 @@
 //! The daemon's HTTPS proxy, end to end: the real `d7q daemon` binary, the real `curl` as the
-//! client, and the dev server as a registry under the name `registry.test` (HTTPS, its own CA).
+//! client, and the real `docker-registry` (harness in `tests/common/registry.rs`) as the
+//! intercepted registry under the name `registry.test`. The dev server plays the parts no real
+//! registry here can: a generic HTTPS site behind a tunnel, a plain-HTTP site, and a registry
+//! that redirects blobs to signed storage URLs.
 //!
-//! Needs root (for `/etc/hosts`) and `curl`; `scripts/test.sh` installs it.
+//! Needs root (for `/etc/hosts`), `curl`, `docker-registry`, `skopeo` and `htpasswd`;
+//! `scripts/test.sh` installs them.
 
 mod common;
 
@@ -9,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::registry::{ensure_hosts, REGISTRY_HOST, REGISTRY_IP};
+use common::registry::{ensure_hosts, Registry, REGISTRY_HOST, REGISTRY_IP};
 use common::{sha256, Daemon, Env};
 use d7q::devserver::{DevCa, DevServer, Fault};
 
@@ -184,6 +188,11 @@ async fn ca_and_tunnel() {
     let shown = env.run(&["ca", "proxy-show", "--dir", s(&ca_dir)]).await;
     shown.ok();
     assert!(shown.stdout.starts_with("-----BEGIN CERTIFICATE-----"));
+    let plain_root = env.dir("plain");
+    std::fs::write(plain_root.join("hello.txt"), b"hello through the proxy\n").unwrap();
+    let plain = DevServer::start(plain_root, "127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let daemon = env
         .daemon(
             &cluster.client_pki,
@@ -227,13 +236,23 @@ async fn ca_and_tunnel() {
     );
     // Nothing was downloaded through the mesh for it.
     assert_eq!(daemon.downloaded().await, 0.0);
+    // A metric that is not exported fails the test instead of reading as 0, and names what is.
+    let scraped = daemon.metrics().await;
+    let missing = std::panic::catch_unwind(|| {
+        common::metric_of(&scraped, "d7q_proxy_requests_total{kind=\"tunneled\"}")
+    })
+    .expect_err("a missing metric read as a value");
+    let message = missing
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.contains("kind=\\\"tunneled\\\"")
+            && message.contains("d7q_proxy_requests_total{kind=\"tunnel\"}"),
+        "{message}"
+    );
 
     // A plain-HTTP proxy request is forwarded.
-    let plain_root = env.dir("plain");
-    std::fs::write(plain_root.join("hello.txt"), b"hello through the proxy\n").unwrap();
-    let plain = DevServer::start(plain_root, "127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
     let got = curl(
         &env,
         "forward",
@@ -256,33 +275,36 @@ async fn ca_and_tunnel() {
     );
 }
 
-/// An intercepted registry: a blob fetched through two daemons leaves the registry once (the
-/// second copy comes from the mesh), a Range works, a manifest passes through, and a client
-/// without the registry's permission gets the registry's 401, not the cached blob.
+/// An intercepted registry — the real `docker-registry`, htpasswd auth, an image pushed with
+/// skopeo: a layer fetched through two daemons leaves the registry once (the second copy comes
+/// from the mesh); a Range gets the registry's own 206; a manifest passes through over HTTP/2;
+/// and a client without valid credentials gets the registry's 401, not the cached blob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intercepted_registry_through_two_daemons() {
+    const ALICE: (&str, &str) = ("alice", "alice-secret");
     let env = Env::new();
-    let registry = FakeRegistry::start(&env).await;
+    let registry = Registry::start_htpasswd(&env, &[ALICE]).await;
+    let image = registry
+        .push_image(&env, "team/app", "v1", &[(4 << 20) + 12_345], 1, ALICE)
+        .await;
     let (_, pki) = env.ca("cluster", &["sn", "a", "b"]).await;
     let sn = env.supernode(&pki[0], Some(&registry.ca_file)).await;
-    let flags = [
-        "--registry",
-        REGISTRY_HOST,
-        "--origin-ca",
-        s(&registry.ca_file),
-    ];
+    let host = registry.host();
+    let flags = ["--registry", &host, "--origin-ca", s(&registry.ca_file)];
     let a = env.daemon(&pki[1], &[&sn], &flags).await;
     let b = env.daemon(&pki[2], &[&sn], &flags).await;
-    let via = |d: &Daemon| -> Vec<String> {
-        vec![
-            "-x".into(),
-            format!("http://{}", d.proxy),
-            "--cacert".into(),
-            s(&proxy_ca(d)).into(),
-        ]
-    };
-    let run = |tag: &'static str, d: &Daemon, extra: Vec<String>| {
-        let mut args = via(d);
+    let creds = format!("{}:{}", ALICE.0, ALICE.1);
+    // Through daemon `d` (None: straight to the registry), with `extra` curl arguments.
+    let run = |tag: &'static str, d: Option<&Daemon>, extra: Vec<String>| {
+        let mut args: Vec<String> = match d {
+            Some(d) => vec![
+                "-x".into(),
+                format!("http://{}", d.proxy),
+                "--cacert".into(),
+                s(&proxy_ca(d)).into(),
+            ],
+            None => vec!["--cacert".into(), s(&registry.ca_file).into()],
+        };
         args.extend(extra);
         let env = &env;
         async move {
@@ -290,21 +312,34 @@ async fn intercepted_registry_through_two_daemons() {
             curl(env, tag, &refs).await
         }
     };
+    let with_creds = |url: String| vec!["-u".to_string(), creds.clone(), url];
 
-    let (path, data) = registry.blob("team/app", (4 << 20) + 12_345, 1);
-    let got = run("blob-a", &a, vec![registry.url(&path)]).await;
+    let layer = &image.layers[0];
+    let data = std::fs::read(
+        image
+            .layout
+            .join("blobs/sha256")
+            .join(layer.trim_start_matches("sha256:")),
+    )
+    .expect("the pushed layer in its layout");
+    let url = registry.url(&format!("/v2/team/app/blobs/{layer}"));
+    let before = registry.blob_gets().await;
+    let got = run("blob-a", Some(&a), with_creds(url.clone())).await;
     assert_eq!(got.code, 0, "{}\n{}", got.stderr, a.log());
-    assert_eq!(got.status(), 200);
+    assert_eq!(got.status(), 200, "{}", got.head);
     assert_eq!(sha256(&got.body), sha256(&data));
-    let digest = path.rsplit('/').next().unwrap().to_string();
-    assert_eq!(got.header("docker-content-digest"), Some(digest.clone()));
-    let got = run("blob-b", &b, vec![registry.url(&path)]).await;
+    assert_eq!(
+        got.header("docker-content-digest").as_deref(),
+        Some(&**layer)
+    );
+    let got = run("blob-b", Some(&b), with_creds(url.clone())).await;
     assert_eq!(got.code, 0, "{}\n{}", got.stderr, b.log());
     assert_eq!(sha256(&got.body), sha256(&data));
     assert_eq!(
-        registry.server.get_count(&path),
+        registry.blob_gets().await - before,
         1,
-        "the registry sent the blob once"
+        "the registry sent the blob once:\n{}",
+        registry.access_log()
     );
     for d in [&a, &b] {
         assert_eq!(
@@ -315,85 +350,98 @@ async fn intercepted_registry_through_two_daemons() {
     }
     assert!(b.downloaded().await >= data.len() as f64);
 
-    // A range of the cached blob.
-    let got = run(
-        "range",
-        &b,
-        vec!["-r".into(), "1000-1999".into(), registry.url(&path)],
-    )
-    .await;
+    // A range of the cached blob: what the registry itself answers, from the mesh.
+    let mut ranged = vec!["-r".to_string(), "1000-1999".to_string()];
+    ranged.extend(with_creds(url.clone()));
+    let direct = run("range-direct", None, ranged.clone()).await;
+    let got = run("range", Some(&b), ranged).await;
+    assert_eq!(direct.status(), 206, "{}", direct.head);
     assert_eq!(got.status(), 206, "{}", got.head);
     assert_eq!(got.body, &data[1000..2000]);
+    assert_eq!(got.body, direct.body);
     assert_eq!(
         got.header("content-range"),
         Some(format!("bytes 1000-1999/{}", data.len()))
     );
+    assert_eq!(got.header("content-range"), direct.header("content-range"));
+    assert_eq!(
+        registry.blob_gets().await - before,
+        2,
+        "only the direct range reached the registry:\n{}",
+        registry.access_log()
+    );
 
-    // Everything else passes through.
-    let manifest =
-        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
-    registry.file("/v2/team/app/manifests/v1", manifest);
-    // Over HTTP/2 inside the intercepted connection (ALPN), as Go clients speak it.
-    let got = run(
-        "manifest",
-        &a,
-        vec!["--http2".into(), registry.url("/v2/team/app/manifests/v1")],
-    )
-    .await;
-    assert_eq!(got.status(), 200);
+    // Everything else passes through, over HTTP/2 inside the intercepted connection (ALPN), as
+    // Go clients speak it.
+    let manifests = registry.manifest_requests().await;
+    let accept = "Accept: application/vnd.oci.image.manifest.v1+json".to_string();
+    let mut args = vec!["--http2".to_string(), "-H".to_string(), accept];
+    args.extend(with_creds(registry.url("/v2/team/app/manifests/v1")));
+    let got = run("manifest", Some(&a), args).await;
+    assert_eq!(got.status(), 200, "{}", got.head);
     assert!(got.head.contains("HTTP/2 200"), "{}", got.head);
-    assert_eq!(got.body, manifest);
-    assert_eq!(registry.server.get_count("/v2/team/app/manifests/v1"), 1);
+    assert_eq!(format!("sha256:{}", sha256(&got.body)), image.manifest);
     let got = run(
         "missing",
-        &a,
-        vec![registry.url("/v2/team/app/manifests/nope")],
+        Some(&a),
+        with_creds(registry.url("/v2/team/app/manifests/nope")),
     )
     .await;
-    assert_eq!(got.status(), 404);
-
-    // A private blob: a client with credentials brings it into the mesh; clients without them
-    // get the registry's 401 through either daemon, though the bytes are in the mesh.
-    let (private, secret) = registry.blob("team/private", 300_000, 2);
-    registry
-        .server
-        .set_fault(&private, Fault::RequireAuth("Basic dXNlcjpwdw==".into()));
-    let creds = || vec!["-u".to_string(), "user:pw".to_string()];
-    let mut args = creds();
-    args.push(registry.url(&private));
-    let got = run("private-a", &a, args).await;
-    assert_eq!(got.status(), 200, "{}\n{}", got.head, a.log());
-    assert_eq!(sha256(&got.body), sha256(&secret));
-    for (tag, d) in [("denied-a", &a), ("denied-b", &b)] {
-        let got = run(tag, d, vec![registry.url(&private)]).await;
-        assert_eq!(got.status(), 401, "{}", got.head);
-        assert_eq!(
-            got.header("www-authenticate").as_deref(),
-            Some("Basic realm=\"d7q-dev\"")
-        );
-        assert!(got.body.len() < 1000);
-        assert_eq!(
-            d.metric("d7q_proxy_requests_total{kind=\"denied\"}").await,
-            1.0
-        );
-    }
-    let gets_before = registry.server.get_count(&private);
-    let mut args = creds();
-    args.push(registry.url(&private));
-    let got = run("private-b", &b, args).await;
-    assert_eq!(got.status(), 200);
-    assert_eq!(sha256(&got.body), sha256(&secret));
+    assert_eq!(got.status(), 404, "{}", got.head);
     assert_eq!(
-        registry.server.get_count(&private),
-        gets_before,
-        "served from the mesh"
+        registry.manifest_requests().await - manifests,
+        2,
+        "both manifest requests reached the registry:\n{}",
+        registry.access_log()
+    );
+
+    // No or wrong credentials: the registry's own 401 through either daemon, though the bytes
+    // are in the mesh.
+    let gets = registry.blob_gets().await;
+    for (tag, d, user) in [
+        ("denied-a", &a, None),
+        ("denied-b", &b, None),
+        ("wrong-b", &b, Some("alice:wrong")),
+    ] {
+        let args = |url: &str| -> Vec<String> {
+            let mut v: Vec<String> = user
+                .map(|u| vec!["-u".to_string(), u.to_string()])
+                .unwrap_or_default();
+            v.push(url.to_string());
+            v
+        };
+        let direct = run("denied-direct", None, args(&url)).await;
+        let got = run(tag, Some(d), args(&url)).await;
+        assert_eq!(direct.status(), 401, "{}", direct.head);
+        assert_eq!(got.status(), 401, "{tag}: {}", got.head);
+        assert_eq!(
+            got.header("www-authenticate"),
+            direct.header("www-authenticate"),
+            "{tag}"
+        );
+        assert_eq!(got.body, direct.body, "{tag}: not the registry's body");
+        assert!(got.body.len() < 1000, "{tag}: {} bytes", got.body.len());
+    }
+    assert_eq!(
+        a.metric("d7q_proxy_requests_total{kind=\"denied\"}").await,
+        1.0
+    );
+    assert_eq!(
+        b.metric("d7q_proxy_requests_total{kind=\"denied\"}").await,
+        2.0
+    );
+    assert_eq!(
+        registry.blob_gets().await,
+        gets,
+        "a refused client made the registry send the blob"
     );
 }
 
 /// A registry that answers blob requests with a redirect to object storage (a signed URL, as
 /// S3-backed registries do): the blob still comes through the mesh, verified, and is keyed by
 /// its digest — a second client whose redirect carries another signature gets it from the mesh
-/// without the storage being read again.
+/// without the storage being read again. The dev server stays the stand-in here: Debian's
+/// `docker-registry` runs on its filesystem driver, which never redirects to storage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blobs_redirected_to_signed_storage_urls() {
     let env = Env::new();

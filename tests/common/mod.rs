@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod dockerd;
+pub mod nginx;
 pub mod registry;
 pub mod token;
 
