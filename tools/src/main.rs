@@ -12,6 +12,9 @@
 //! - [`netns`]: namespaces, veth pairs, a bridge and `tbf` links for [`swarm`].
 //! - [`origin`]: the processes [`swarm`] runs inside a namespace: the HTTPS origin and a
 //!   `/metrics` reader (hidden `origin` and `scrape` subcommands).
+//! - [`cc`]: the congestion controllers of the mesh's QUIC (BBR, CUBIC, NewReno) against each
+//!   other through netsim's UDP relay at a long RTT and random loss — the measurement behind
+//!   the default.
 //! - [`wan`]: row d, goodput over a lossy long-RTT path (netsim's TUN link) — the mesh against
 //!   curl over TCP, RTT × loss.
 //! - [`util`]: child processes with wall-clock and CPU time, temp dirs, test data, statistics.
@@ -20,6 +23,7 @@
 //! prints a table for people and writes a JSON file for machines. Absolute numbers mean little on
 //! a shared machine; the ratios measured in one run are the result.
 
+mod cc;
 mod dockerd;
 mod https;
 mod netns;
@@ -52,6 +56,8 @@ enum Cmd {
     Pull(pullbench::Args),
     /// Row d: goodput vs RTT and loss through a TUN link, mesh vs curl over TCP (root).
     Wan(wan::Args),
+    /// QUIC congestion controllers (bbr, cubic, newreno) through the UDP relay: RTT × loss.
+    Cc(cc::Args),
     /// One HTTPS GET to a file (the baseline client the benchmarks spawn).
     #[command(hide = true)]
     HttpsGet(https::Args),
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
         Cmd::Origin(a) => origin::run(a),
         Cmd::Scrape(a) => origin::scrape(a),
         Cmd::Wan(a) => wan::run(a),
+        Cmd::Cc(a) => cc::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
