@@ -218,6 +218,14 @@ struct DaemonArgs {
     /// [default: registry-1.docker.io].
     #[arg(long)]
     mirror_upstream: Option<String>,
+    /// Where the proxy may also connect: HOST:PORT, *:PORT, ADDR:PORT, ADDR or CIDR; repeatable.
+    /// By default it tunnels to port 443 and the --registry ports only, and never to loopback,
+    /// link-local or its own listeners (an address rule like 127.0.0.0/8 lifts that).
+    #[arg(long = "proxy-allow")]
+    proxy_allow: Vec<String>,
+    /// TCP address for /metrics and /health, which then leave the proxy port.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// Test only: serve corrupt pieces, to exercise bad-peer isolation. Refused unless the
     /// environment sets `D7Q_DANGER_CORRUPT_UPLOADS=i-know-this-corrupts-data`.
     #[arg(long, hide = true)]
@@ -572,10 +580,13 @@ async fn daemon(a: Box<DaemonArgs>) -> i32 {
         Err(e) => return fail(exit::FAILURE, &format!("{e:#}")),
     };
     println!(
-        "ready mesh={} proxy={} socket={}",
+        "ready mesh={} proxy={} socket={}{}",
         d.mesh_addr(),
         d.proxy_addr(),
-        d.socket().display()
+        d.socket().display(),
+        d.metrics_addr()
+            .map(|m| format!(" metrics={m}"))
+            .unwrap_or_default()
     );
     let _ = std::io::stdout().flush();
     shutdown_signal().await;
@@ -665,6 +676,14 @@ fn daemon_config(a: DaemonArgs) -> Result<DaemonConfig, String> {
             file.mirror_upstream.clone(),
             crate::proxy::DEFAULT_MIRROR_UPSTREAM.to_string(),
         ),
+        proxy_allow: {
+            let mut allow = Vec::new();
+            for r in &a.proxy_allow {
+                allow.push(r.parse().map_err(|e| format!("--proxy-allow: {e}"))?);
+            }
+            config::pick_list(allow, file.proxy_allow.clone())
+        },
+        metrics: a.metrics.or(file.metrics),
         gc: {
             let storage = file.storage.clone().unwrap_or_default();
             let wm = |flag: &Option<String>,

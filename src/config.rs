@@ -41,6 +41,8 @@
 //! upload_rate = "800Mbit"
 //! registry = ["registry.test", "*.corp.example"]
 //! mirror_upstream = "registry-1.docker.io"
+//! proxy_allow = ["registry.internal:5000", "10.20.0.0/16"]
+//! metrics = "127.0.0.1:65003"
 //!
 //! [daemon.storage]
 //! high_watermark = "90%"
@@ -173,8 +175,15 @@ pub struct DaemonFile {
     pub listen: Option<SocketAddr>,
     /// `--advertise`: the mesh address other peers dial, when `listen` is not reachable as is.
     pub advertise: Option<SocketAddr>,
-    /// `--proxy`: TCP address of the HTTP proxy, registry mirror and `/metrics`.
+    /// `--proxy`: TCP address of the HTTP proxy, registry mirror and (without `metrics`)
+    /// `/metrics`.
     pub proxy: Option<SocketAddr>,
+    /// `--metrics`: TCP address for `/metrics` and `/health`, off the proxy port.
+    pub metrics: Option<SocketAddr>,
+    /// `--proxy-allow`: targets the proxy may connect to beyond its defaults (`HOST:PORT`,
+    /// `*:PORT`, `ADDR:PORT`, `ADDR`, `CIDR`; see [`crate::proxy::policy`]).
+    #[serde(default, deserialize_with = "de_proxy_allow")]
+    pub proxy_allow: Option<Vec<crate::proxy::policy::Allow>>,
     /// `--data-dir`: the content store.
     pub data_dir: Option<PathBuf>,
     /// `--pki`: node identity directory (from `d7q ca issue`).
@@ -815,6 +824,16 @@ fn de_registries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>,
         .map(Some)
 }
 
+fn de_proxy_allow<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<crate::proxy::policy::Allow>>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    list.iter()
+        .map(|r| r.parse().map_err(de::Error::custom))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 fn de_log<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let s = String::deserialize(d)?;
     tracing_subscriber::EnvFilter::try_new(&s)
@@ -1170,6 +1189,8 @@ per_download_rate = "1.5GB/s"
 registry = ["Registry.test", "*.corp.example:5000"]
 origin_ca = []
 mirror_upstream = "mirror.corp:5000"
+proxy_allow = ["registry.internal:5000", "127.0.0.0/8"]
+metrics = "127.0.0.1:65003"
 log = "info,d7q=debug"
 
 [daemon.storage]
@@ -1223,6 +1244,14 @@ dir = "proxy-ca"
         );
         assert_eq!(d.origin_ca, Some(vec![]));
         assert_eq!(d.mirror_upstream.as_deref(), Some("mirror.corp:5000"));
+        assert_eq!(
+            d.proxy_allow,
+            Some(vec![
+                "registry.internal:5000".parse().unwrap(),
+                "127.0.0.0/8".parse().unwrap()
+            ])
+        );
+        assert_eq!(d.metrics, Some("127.0.0.1:65003".parse().unwrap()));
         assert_eq!(d.log.as_deref(), Some("info,d7q=debug"));
         let st = d.storage.unwrap();
         assert_eq!(st.high_watermark, Some(Watermark::Percent(90.0)));
@@ -1318,6 +1347,11 @@ dir = "proxy-ca"
             (
                 "[daemon]\nsupernode = [\"10.0.0.5:8002\", \"nope\"]\n",
                 "daemon.supernode[1]: invalid socket address syntax, found \"nope\"",
+            ),
+            (
+                "[daemon]\nproxy_allow = [\"127.0.0.1\", \"localhost\"]\n",
+                "daemon.proxy_allow: expected HOST:PORT, *:PORT, ADDR:PORT, [V6]:PORT, ADDR \
+                 or CIDR (like 127.0.0.0/8), found \"localhost\"",
             ),
             (
                 "[daemon]\nregistry = [\"https://registry.test/v2\"]\n",

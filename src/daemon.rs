@@ -71,6 +71,11 @@ pub struct DaemonConfig {
     pub origin_ca: Vec<PathBuf>,
     /// The registry mirror's default upstream (`--mirror-upstream`).
     pub mirror_upstream: String,
+    /// `--proxy-allow`: where the proxy may connect beyond its defaults.
+    pub proxy_allow: Vec<crate::proxy::policy::Allow>,
+    /// `--metrics`: a TCP address of its own for `/metrics` and `/health`, which then leave the
+    /// proxy port; `None`: the proxy port serves them.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// When the daemon's store is collected.
@@ -108,6 +113,7 @@ pub struct Daemon {
     inner: Arc<Inner>,
     mesh: SocketAddr,
     proxy: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
 }
 
 struct Inner {
@@ -210,6 +216,11 @@ impl Daemon {
         let metrics = Arc::new(Metrics::new(Role::Daemon));
         let http = tokio::net::TcpListener::bind(cfg.proxy).await?;
         let proxy = http.local_addr()?;
+        let metrics_http = match cfg.metrics {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let metrics_addr = metrics_http.as_ref().map(|l| l.local_addr()).transpose()?;
         let mut live = HashMap::new();
         for info in store.list() {
             if let Some(entry) = store.get(info.task) {
@@ -240,7 +251,17 @@ impl Daemon {
                 .unwrap_or_else(|| inner.cfg.data_dir.join("proxy-ca")),
             origin_ca: inner.cfg.origin_ca.clone(),
             mirror_upstream: inner.cfg.mirror_upstream.clone(),
+            allow: inner.cfg.proxy_allow.clone(),
+            own: std::iter::once(proxy).chain(metrics_addr).collect(),
+            serve_metrics: metrics_addr.is_none(),
         };
+        if let Some(listener) = metrics_http {
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                std::future::pending::<()>(),
+            ));
+        }
         let http_side = crate::proxy::Proxy::new(proxy_cfg, mesh_blobs(&inner), metrics)?;
         tokio::spawn(crate::proxy::serve(
             http,
@@ -251,7 +272,12 @@ impl Daemon {
         tokio::spawn(collect_garbage(inner.clone()));
         tokio::spawn(flush_metadata(inner.clone()));
         tokio::spawn(announce_stored(inner.clone()));
-        Ok(Self { inner, mesh, proxy })
+        Ok(Self {
+            inner,
+            mesh,
+            proxy,
+            metrics_addr,
+        })
     }
 
     fn handle(inner: Arc<Inner>) -> local::Handler {
@@ -266,6 +292,11 @@ impl Daemon {
     /// The HTTP address.
     pub fn proxy_addr(&self) -> SocketAddr {
         self.proxy
+    }
+
+    /// The `--metrics` address, when it has one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Blobs through this daemon's mesh, streamed in order (what the proxy serves).

@@ -82,6 +82,8 @@ pub async fn run(peers: usize, size_mib: u64) -> anyhow::Result<()> {
             proxy_ca: None,
             origin_ca: Vec::new(),
             mirror_upstream: crate::proxy::DEFAULT_MIRROR_UPSTREAM.to_string(),
+            proxy_allow: Vec::new(),
+            metrics: None,
         })
         .await?;
         daemons.push(d);

@@ -83,6 +83,22 @@ pub struct OriginResponse {
 pub fn https_connector(
     extra_cas: &[PathBuf],
 ) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, String> {
+    let tls = tls_client_config(extra_cas)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_nodelay(true);
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http))
+}
+
+/// The TLS side of [`https_connector`], for a connector that dials its own way (the proxy's,
+/// which checks every address it connects to).
+pub fn tls_client_config(extra_cas: &[PathBuf]) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     // Missing or unreadable system stores are not fatal: a cluster may trust only its own CA.
     for c in rustls_native_certs::load_native_certs().certs {
@@ -100,16 +116,7 @@ pub fn https_connector(
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    http.set_nodelay(true);
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http))
+    Ok(tls)
 }
 
 impl OriginClient {

@@ -54,6 +54,8 @@ async fn mesh(env: &Env, origin_ca: &std::path::Path) -> Mesh {
         proxy_ca: None,
         origin_ca: Vec::new(),
         mirror_upstream: "registry-1.docker.io".into(),
+        proxy_allow: Vec::new(),
+        metrics: None,
     })
     .await
     .unwrap();

@@ -1,22 +1,495 @@
 //! The daemon against a hostile local user or client: the real `d7q` binary, with curl, the dev
 //! server and a socket this test answers itself as the adversaries.
 //!
+//! - The proxy is no open relay: CONNECT and plain-HTTP forwarding reach port 443 (80) and the
+//!   registry ports only, never loopback, link-local or the daemon's own listeners, whatever a
+//!   name resolves to, unless `--proxy-allow` says so; a refusal is a 403 saying why.
+//! - Metrics live on their own address, off the proxy port.
+//! - Only a configured registry, over HTTPS, answering 2xx (directly or at the end of its
+//!   redirects) lets a client have a blob from the mesh: not a registry named by `?ns=`, not a
+//!   cleartext one, not a redirect to nowhere.
 //! - `d7q get` through a daemon verifies what it receives and refuses a socket another user
 //!   could have planted; the daemon keeps its socket directory, store and keys to itself.
 //!
-//! Needs root (sockets and directories are handed to another uid with chown).
+//! Needs root (`/etc/hosts`; sockets and directories are handed to another uid with chown) and
+//! curl.
 
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::net::{IpAddr, SocketAddr};
+use std::process::Stdio;
+
+use common::registry::{ensure_hosts, REGISTRY_HOST, REGISTRY_IP};
 use common::{assert_only, sha256, Env, Output};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixListener;
+use d7q::devserver::{DevCa, DevServer, Fault};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixListener};
 
 /// A uid that is not root and not ours: `nobody`.
 const OTHER_UID: u32 = 65534;
+/// Longest one curl or one raw proxy request may take.
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// A `--proxy-allow` rule that opens nothing the tests use (TEST-NET-3): a daemon started with
+/// it gets the defaults, not the harness's loopback allowance.
+const STRICT: [&str; 2] = ["--proxy-allow", "203.0.113.9:9"];
+
+/// What came back from the proxy: status and body.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+}
+
+/// One request `head` (without the final blank line) sent to `proxy` as is; the answer head and
+/// body (by Content-Length), or whatever arrived before the proxy closed.
+async fn raw(proxy: SocketAddr, head: &str) -> Answer {
+    let exchange = async {
+        let mut s = TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        s.write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                got.truncate(end + 4 + len);
+                break;
+            }
+        }
+        got
+    };
+    let got = tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+        .await
+        .expect("the proxy answers");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = match got.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) => got[end + 4..].to_vec(),
+        None => Vec::new(),
+    };
+    Answer { status, body }
+}
+
+/// `CONNECT target` through `proxy`.
+async fn connect(proxy: SocketAddr, target: &str) -> Answer {
+    raw(
+        proxy,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}"),
+    )
+    .await
+}
+
+/// What curl got.
+struct Curl {
+    code: i32,
+    status: u16,
+    body: Vec<u8>,
+    stderr: String,
+}
+
+/// `curl ARGS… URL` with no proxy from the environment; body and status captured.
+async fn curl(env: &Env, tag: &str, args: &[&str]) -> Curl {
+    let body = env.path().join(format!("curl-{tag}.body"));
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(CLIENT_TIMEOUT, out)
+        .await
+        .expect("curl timed out")
+        .expect("curl runs (apt install curl)");
+    Curl {
+        code: out.status.code().unwrap_or(-1),
+        status: String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0),
+        body: std::fs::read(&body).unwrap_or_default(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Whether `haystack` holds any 32-byte window of `secret`'s first kilobyte.
+fn leaks(haystack: &[u8], secret: &[u8]) -> bool {
+    let probe = &secret[..secret.len().min(1024)];
+    probe
+        .chunks(32)
+        .filter(|c| c.len() == 32)
+        .any(|c| haystack.windows(32).any(|w| w == c))
+}
+
+#[track_caller]
+fn assert_refused(a: &Answer, needle: &str, what: &str) {
+    let body = String::from_utf8_lossy(&a.body);
+    assert_eq!(a.status, 403, "{what}: {body}");
+    assert!(body.contains(needle), "{what}: {needle:?} not in {body:?}");
+}
+
+/// CONNECT and plain-HTTP forwarding go where the policy says, and nowhere else: loopback
+/// (by address or by a name resolving there), link-local, unspecified, other ports and the
+/// daemon's own listeners are refused with a 403 that says why, before anything is dialled;
+/// `--proxy-allow` opens exactly what it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_is_not_an_open_relay() {
+    ensure_hosts().expect("/etc/hosts (tests run as root)");
+    let env = Env::new();
+    let origin = env.origin().await;
+    let digest = origin.file("secret.bin", 100_000);
+    let plain_root = env.dir("plain");
+    std::fs::write(plain_root.join("hello.txt"), b"internal only\n").unwrap();
+    let plain = DevServer::start(plain_root, "127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let (_, pki) = env.ca("cluster", &["sn", "strict", "open", "one"]).await;
+    let sn = env.supernode(&pki[0], Some(&origin.ca_file)).await;
+    let strict = env.daemon(&pki[1], &[&sn], &STRICT).await;
+
+    let port = origin.server.addr().port();
+    for (target, reason) in [
+        (format!("127.0.0.1:{port}"), "loopback"),
+        // A name on a closed port is refused before it is even resolved.
+        (format!("localhost:{port}"), "only to port 443"),
+        // Port 443 is open, but these names resolve to loopback.
+        ("localhost:443".into(), "loopback"),
+        (format!("{REGISTRY_HOST}:443"), "loopback"),
+        ("[::1]:443".into(), "loopback"),
+        ("[::ffff:127.0.0.1]:443".into(), "loopback"),
+        ("169.254.169.254:443".into(), "link-local"),
+        ("[fe80::1]:443".into(), "link-local"),
+        ("0.0.0.0:443".into(), "unspecified"),
+        ("192.0.2.1:22".into(), "only to port 443"),
+        ("192.0.2.1:25".into(), "--proxy-allow"),
+    ] {
+        assert_refused(&connect(strict.proxy, &target).await, reason, &target);
+    }
+    assert_refused(
+        &connect(strict.proxy, &strict.proxy.to_string()).await,
+        "own listener",
+        "its own proxy port",
+    );
+    // curl, as a client would: the tunnel fails, the origin never hears of it.
+    let got = curl(
+        &env,
+        "tunnel-refused",
+        &[
+            "-x",
+            &format!("http://{}", strict.proxy),
+            "--cacert",
+            origin.ca_file.to_str().unwrap(),
+            &origin.url("secret.bin"),
+        ],
+    )
+    .await;
+    assert_ne!(got.code, 0, "curl got through: {}", got.stderr);
+    assert!(got.stderr.contains("403"), "{}", got.stderr);
+    assert_eq!(origin.gets("secret.bin"), 0);
+
+    // Plain HTTP in absolute form: the same rules, port 80 by default.
+    let plain_url = format!("http://127.0.0.1:{}/hello.txt", plain.addr().port());
+    for (url, reason) in [
+        (plain_url.clone(), "loopback"),
+        (
+            format!("http://localhost:{}/hello.txt", plain.addr().port()),
+            "only to port 80",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "link-local",
+        ),
+        ("http://192.0.2.1:8080/".to_string(), "only to port 80"),
+    ] {
+        let host = url.split('/').nth(2).unwrap().to_string();
+        let a = raw(strict.proxy, &format!("GET {url} HTTP/1.1\r\nHost: {host}")).await;
+        assert_refused(&a, reason, &url);
+    }
+    assert_eq!(plain.get_count("/hello.txt"), 0);
+    assert!(
+        strict
+            .metric("d7q_proxy_requests_total{kind=\"denied\"}")
+            .await
+            >= 15.0
+    );
+
+    // Loopback allowed by address: still never the daemon's own listeners.
+    let open = env.daemon(&pki[2], &[&sn], &[]).await;
+    for own in [open.proxy, open.metrics_addr] {
+        assert_refused(
+            &connect(open.proxy, &own.to_string()).await,
+            "own listener",
+            "own",
+        );
+    }
+    assert_eq!(
+        connect(open.proxy, &format!("127.0.0.1:{port}"))
+            .await
+            .status,
+        200
+    );
+
+    // One address and port allowed: that tunnel works end to end, its neighbours do not.
+    let allow = format!("127.0.0.1:{port}");
+    let one = env
+        .daemon(&pki[3], &[&sn], &["--proxy-allow", &allow])
+        .await;
+    let got = curl(
+        &env,
+        "tunnel-allowed",
+        &[
+            "-x",
+            &format!("http://{}", one.proxy),
+            "--cacert",
+            origin.ca_file.to_str().unwrap(),
+            &format!("https://127.0.0.1:{port}/secret.bin"),
+        ],
+    )
+    .await;
+    assert_eq!((got.code, got.status), (0, 200), "{}", got.stderr);
+    assert_eq!(sha256(&got.body), digest);
+    assert_refused(
+        &connect(one.proxy, &format!("127.0.0.1:{}", plain.addr().port())).await,
+        "loopback",
+        "a neighbour of the allowed port",
+    );
+    let a = raw(one.proxy, &format!("GET {plain_url} HTTP/1.1\r\nHost: x")).await;
+    assert_refused(&a, "loopback", "forwarding next to the allowed port");
+}
+
+/// `--metrics ADDR` serves `/metrics` there, and the proxy port (which every local client can
+/// reach) no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_their_own_address() {
+    let env = Env::new();
+    let (_, pki) = env.ca("cluster", &["sn", "host"]).await;
+    let sn = env.supernode(&pki[0], None).await;
+    let d = env.daemon(&pki[1], &[&sn], &[]).await;
+    assert_ne!(d.metrics_addr, d.proxy);
+    let got = curl(&env, "m", &[&format!("http://{}/metrics", d.metrics_addr)]).await;
+    assert_eq!(got.status, 200, "{}", got.stderr);
+    assert!(String::from_utf8_lossy(&got.body).contains("d7q_proxy_requests_total"));
+    let got = curl(&env, "p", &[&format!("http://{}/metrics", d.proxy)]).await;
+    assert_eq!(got.status, 404);
+    assert!(!String::from_utf8_lossy(&got.body).contains("d7q_"));
+    let got = curl(&env, "h", &[&format!("http://{}/health", d.proxy)]).await;
+    assert_eq!((got.status, &got.body[..]), (200, &b"ok\n"[..]));
+}
+
+/// A registry on `registry.test`, a private blob in it, and two impostors serving other bytes
+/// under the blob's path (so they answer 200 to every HEAD of it): one over HTTPS with a
+/// certificate the daemon trusts, one over cleartext on the registry's own address.
+struct Impostors {
+    registry: DevServer,
+    https: DevServer,
+    cleartext: DevServer,
+    ca_file: PathBuf,
+    path: String,
+    secret: Vec<u8>,
+}
+
+async fn impostors(env: &Env) -> Impostors {
+    ensure_hosts().expect("/etc/hosts (tests run as root)");
+    let ca = DevCa::new();
+    let ca_file = env.path().join("registry-ca.pem");
+    ca.write_pem(&ca_file).unwrap();
+    let secret: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let path = format!("/v2/team/private/blobs/sha256:{}", sha256(&secret));
+    let junk = vec![b'x'; secret.len()];
+    let serve = |name: &str, data: &[u8]| {
+        let root = env.dir(name);
+        let file = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, data).unwrap();
+        root
+    };
+    let registry = DevServer::builder(serve("registry", &secret))
+        .bind(SocketAddr::new(IpAddr::V4(REGISTRY_IP), 0))
+        .tls(&ca)
+        .extra_name(REGISTRY_HOST)
+        .start()
+        .await
+        .unwrap();
+    registry.set_fault(&path, Fault::RequireAuth("Basic dXNlcjpwdw==".into()));
+    let https = DevServer::start(
+        serve("impostor", &junk),
+        "127.0.0.1:0".parse().unwrap(),
+        Some(&ca),
+    )
+    .await
+    .unwrap();
+    let cleartext = DevServer::builder(serve("cleartext", &junk))
+        .bind(SocketAddr::new(IpAddr::V4(REGISTRY_IP), 0))
+        .start()
+        .await
+        .unwrap();
+    Impostors {
+        registry,
+        https,
+        cleartext,
+        ca_file,
+        path,
+        secret,
+    }
+}
+
+impl Impostors {
+    fn url(&self, path: &str) -> String {
+        format!(
+            "https://{REGISTRY_HOST}:{}{path}",
+            self.registry.addr().port()
+        )
+    }
+}
+
+/// A private blob in the mesh reaches only clients a configured registry, over HTTPS, answered
+/// 2xx for: not through a `?ns=` naming another registry, not through a cleartext request that
+/// an impostor answers, not after a redirect that leads nowhere or to cleartext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_configured_registry_over_https_unlocks_a_cached_blob() {
+    let env = Env::new();
+    let im = impostors(&env).await;
+    let (_, pki) = env.ca("cluster", &["sn", "host"]).await;
+    let sn = env.supernode(&pki[0], Some(&im.ca_file)).await;
+    // A pattern without a port, as an operator writes it.
+    let d = env
+        .daemon(
+            &pki[1],
+            &[&sn],
+            &[
+                "--registry",
+                REGISTRY_HOST,
+                "--origin-ca",
+                im.ca_file.to_str().unwrap(),
+            ],
+        )
+        .await;
+    let proxy_ca = d.data_dir.join("proxy-ca").join("proxy-ca.pem");
+    let via = |extra: &[&str]| -> Vec<String> {
+        let mut a = vec![
+            "-x".to_string(),
+            format!("http://{}", d.proxy),
+            "--cacert".into(),
+            proxy_ca.to_str().unwrap().into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |tag: &'static str, args: Vec<String>| {
+        let env = &env;
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(env, tag, &refs).await
+        }
+    };
+
+    // Someone allowed brings the blob into the mesh.
+    let url = im.url(&im.path);
+    let got = run("owner", via(&["-u", "user:pw", &url])).await;
+    assert_eq!(
+        got.status,
+        200,
+        "{}
+{}",
+        got.stderr,
+        d.log()
+    );
+    assert_eq!(sha256(&got.body), sha256(&im.secret));
+    assert_eq!(
+        d.metric("d7q_proxy_requests_total{kind=\"blob_mesh\"}")
+            .await,
+        1.0
+    );
+
+    // Mirror mode naming an impostor that says 200 to the HEAD: refused, impostor not asked.
+    let mirror = format!(
+        "http://{}{}?ns=127.0.0.1:{}",
+        d.proxy,
+        im.path,
+        im.https.addr().port()
+    );
+    let got = run("ns", vec![mirror]).await;
+    assert_eq!(got.status, 403, "{}", String::from_utf8_lossy(&got.body));
+    assert!(String::from_utf8_lossy(&got.body).contains("not a registry this mirror serves"));
+    assert!(!leaks(&got.body, &im.secret), "ns= impostor got the blob");
+    assert_eq!(im.https.get_count(&im.path), 0);
+    // The configured registry through ns= still answers for itself.
+    let ns = format!(
+        "http://{}{}?ns={REGISTRY_HOST}%3A{}",
+        d.proxy,
+        im.path,
+        im.registry.addr().port()
+    );
+    let got = run("ns-registry", vec![ns]).await;
+    assert_eq!(got.status, 401);
+    assert!(!leaks(&got.body, &im.secret));
+
+    // Plain HTTP to the intercepted name, on another port, answered by the impostor: its
+    // bytes, never the mesh's.
+    let cleartext = format!(
+        "http://{REGISTRY_HOST}:{}{}",
+        im.cleartext.addr().port(),
+        im.path
+    );
+    let got = run("cleartext", via(&[&cleartext])).await;
+    assert!(
+        !leaks(&got.body, &im.secret),
+        "a cleartext check unlocked the blob"
+    );
+    assert_eq!(
+        got.body,
+        vec![b'x'; im.secret.len()],
+        "the impostor's own answer"
+    );
+
+    // The registry redirects the HEAD to nowhere, or to cleartext that answers 200: the
+    // client gets the registry's redirect, not the bytes.
+    for (tag, location) in [
+        ("to-nowhere", im.url("/nowhere")),
+        ("to-cleartext", cleartext.clone()),
+    ] {
+        im.registry
+            .set_fault(&im.path, Fault::Redirect(location.clone()));
+        let got = run(tag, via(&[&url])).await;
+        assert_eq!(got.status, 302, "{tag}: {}", got.stderr);
+        assert!(!leaks(&got.body, &im.secret), "{tag}: the blob leaked");
+    }
+    assert_eq!(
+        d.metric("d7q_proxy_requests_total{kind=\"blob_mesh\"}")
+            .await,
+        1.0
+    );
+}
 
 /// Who answers a fake daemon socket, and how.
 #[derive(Clone, Copy)]

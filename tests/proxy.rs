@@ -193,11 +193,23 @@ async fn ca_and_tunnel() {
     let plain = DevServer::start(plain_root, "127.0.0.1:0".parse().unwrap(), None)
         .await
         .unwrap();
+    // Both sites are on loopback, which the proxy reaches only where it is told it may.
+    let origin_addr = origin.server.addr().to_string();
+    let plain_addr = plain.addr().to_string();
     let daemon = env
         .daemon(
             &cluster.client_pki,
             &[&sn],
-            &["--registry", "registry.test", "--proxy-ca", s(&ca_dir)],
+            &[
+                "--registry",
+                "registry.test",
+                "--proxy-ca",
+                s(&ca_dir),
+                "--proxy-allow",
+                &origin_addr,
+                "--proxy-allow",
+                &plain_addr,
+            ],
         )
         .await;
 
@@ -290,7 +302,16 @@ async fn intercepted_registry_through_two_daemons() {
     let (_, pki) = env.ca("cluster", &["sn", "a", "b"]).await;
     let sn = env.supernode(&pki[0], Some(&registry.ca_file)).await;
     let host = registry.host();
-    let flags = ["--registry", &host, "--origin-ca", s(&registry.ca_file)];
+    // The registry is on loopback, which the proxy reaches only where it is told it may.
+    let allow = registry.addr().to_string();
+    let flags = [
+        "--registry",
+        &host,
+        "--origin-ca",
+        s(&registry.ca_file),
+        "--proxy-allow",
+        &allow,
+    ];
     let a = env.daemon(&pki[1], &[&sn], &flags).await;
     let b = env.daemon(&pki[2], &[&sn], &flags).await;
     let creds = format!("{}:{}", ALICE.0, ALICE.1);
@@ -448,11 +469,14 @@ async fn blobs_redirected_to_signed_storage_urls() {
     let registry = FakeRegistry::start(&env).await;
     let (_, pki) = env.ca("cluster", &["sn", "a", "b"]).await;
     let sn = env.supernode(&pki[0], Some(&registry.ca_file)).await;
+    let allow = registry.server.addr().to_string();
     let flags = [
         "--registry",
         REGISTRY_HOST,
         "--origin-ca",
         s(&registry.ca_file),
+        "--proxy-allow",
+        &allow,
     ];
     let a = env.daemon(&pki[1], &[&sn], &flags).await;
     let b = env.daemon(&pki[2], &[&sn], &flags).await;

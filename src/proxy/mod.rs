@@ -1,16 +1,21 @@
 //! The daemon's HTTP side: an HTTPS proxy for Docker's `HTTPS_PROXY`, a registry mirror, the
-//! proxy CA at `/ca.crt`, and `/metrics` and `/health` — all on one TCP port (`--proxy`).
+//! proxy CA at `/ca.crt`, `/health`, and `/metrics` unless the daemon serves them on their own
+//! address (`--metrics`) — all on one TCP port (`--proxy`).
 //!
 //! Requests, by their form:
 //!
 //! - `CONNECT host:port` to a host matching the intercept rules (`--registry`): answered 200,
 //!   then TLS is terminated with a leaf certificate for the host signed by the proxy CA
 //!   ([`ca`]), and the decrypted HTTP/1.1 or HTTP/2 requests go to [`registry`] for that host.
-//!   Every other CONNECT is tunnelled byte for byte ([`tunnel`]).
-//! - `GET http://host/…` (absolute form): forwarded; to an intercepted host, handled as a
-//!   registry over plain HTTP.
+//!   Every other CONNECT is tunnelled byte for byte ([`tunnel`]) where the connection policy
+//!   allows ([`policy`]: port 443 and the rules' ports, never loopback, link-local or the
+//!   daemon's own listeners unless `--proxy-allow` says so); else 403 with the reason.
+//! - `GET http://host/…` (absolute form): forwarded under the same policy (port 80). Never
+//!   answered from the mesh, even for an intercepted host: a check over cleartext proves nothing.
 //! - Origin form: `/ca.crt`, `/metrics`, `/health`, and `/v2/…` as a registry mirror for the
-//!   upstream named by containerd's `?ns=HOST`, else `--mirror-upstream`.
+//!   upstream named by containerd's `?ns=HOST`, else `--mirror-upstream`. An `ns` that names no
+//!   configured registry is refused (403): the mirror is not a way to reach any registry, and a
+//!   registry nobody configured must not vouch for a blob in the mesh.
 //!
 //! Bounds: [`MAX_CONNECTIONS`] client connections (an intercepted or tunnelled CONNECT keeps its
 //! slot until it ends), [`HEADER_READ_TIMEOUT`] per request head, [`TLS_HANDSHAKE_TIMEOUT`],
@@ -19,6 +24,7 @@
 //! Not for: the mesh ([`crate::blobs`] is the interface), registry client logic for `d7q pull`.
 
 pub mod ca;
+pub mod policy;
 pub mod registry;
 pub mod rules;
 pub mod tokens;
@@ -27,6 +33,7 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,17 +45,18 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::blobs::MeshBlobs;
 use crate::metrics::{self, Metrics, ProxyKind};
+use policy::{Allow, ConnectPolicy, Purpose};
 use registry::{AccessCache, Route};
 use rules::Rules;
 use tokens::Tokens;
-use upstream::{Body, BoxError, Target, Upstream};
+use upstream::{Body, BoxError, DialError, Target, Upstream};
 
 /// Client connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -75,6 +83,12 @@ pub struct ProxyConfig {
     pub origin_ca: Vec<PathBuf>,
     /// The mirror's default upstream, `host[:port]` (HTTPS).
     pub mirror_upstream: String,
+    /// `--proxy-allow` rules: what the connection policy allows beyond its defaults.
+    pub allow: Vec<Allow>,
+    /// The daemon's own TCP listeners, which the proxy never connects to.
+    pub own: Vec<SocketAddr>,
+    /// Whether `/metrics` is served on the proxy port (no `--metrics` address of its own).
+    pub serve_metrics: bool,
 }
 
 /// Why the proxy could not start.
@@ -94,6 +108,8 @@ pub enum ProxyError {
 /// The proxy's shared state.
 pub struct Proxy {
     rules: Rules,
+    policy: Arc<ConnectPolicy>,
+    serve_metrics: bool,
     mirror_upstream: Authority,
     leaves: ca::LeafCache,
     upstream: Upstream,
@@ -113,11 +129,23 @@ impl Proxy {
         let mirror_upstream = parse_upstream(&cfg.mirror_upstream)
             .ok_or_else(|| ProxyError::MirrorUpstream(cfg.mirror_upstream.clone()))?;
         let ca = ca::ProxyCa::load_or_init(&cfg.ca_dir)?;
+        let mirror = (
+            mirror_upstream.host().to_string(),
+            mirror_upstream.port_u16().unwrap_or(443),
+        );
+        let policy = Arc::new(ConnectPolicy::new(
+            &cfg.registries,
+            Some(mirror),
+            cfg.allow,
+            cfg.own,
+        ));
         Ok(Arc::new(Self {
             rules: Rules::new(&cfg.registries),
+            upstream: Upstream::new(&cfg.origin_ca, policy.clone())?,
+            policy,
+            serve_metrics: cfg.serve_metrics,
             mirror_upstream,
             leaves: ca::LeafCache::new(ca, ca::LEAF_CACHE),
-            upstream: Upstream::new(&cfg.origin_ca)?,
             mesh,
             metrics,
             access: AccessCache::default(),
@@ -215,11 +243,18 @@ async fn outer(
         }
         return registry::passthrough(proxy, route, req, ProxyKind::Forward).await;
     }
+    // Owned: a borrow of `req` alive across the awaits below makes the future not provably Send.
+    let path = req.uri().path().to_string();
+    if path == "/metrics" && !proxy.serve_metrics {
+        // Off the proxy port, which every local client (every tenant) can reach.
+        return upstream::text(
+            StatusCode::NOT_FOUND,
+            "metrics are on the --metrics address",
+        );
+    }
     if let Some(r) = metrics::handle(&req, &proxy.metrics) {
         return r.map(|b| b.map_err(|never| match never {}).boxed_unsync());
     }
-    // Owned: a borrow of `req` alive across the awaits below makes the future not provably Send.
-    let path = req.uri().path().to_string();
     if path == "/ca.crt" {
         return ca_crt(&proxy, req.method());
     }
@@ -227,6 +262,20 @@ async fn outer(
         let Some(target) = mirror_target(&proxy, req.uri().query()) else {
             return upstream::text(StatusCode::BAD_REQUEST, "bad ns parameter");
         };
+        let (host, port) = (
+            target.authority.host().to_string(),
+            target.authority.port_u16().unwrap_or(443),
+        );
+        if !proxy.policy.is_registry(&host, port) {
+            proxy.metrics.proxy_requests(ProxyKind::Denied).inc();
+            return upstream::text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{}: not a registry this mirror serves (--registry, --mirror-upstream)",
+                    target.authority
+                ),
+            );
+        }
         let route = Route {
             target,
             mirror: true,
@@ -342,29 +391,18 @@ async fn connect(
         );
         return Response::new(upstream::empty());
     }
-    // An owned address: a borrowed (&str, u16) makes this future not provably Send.
-    let addr = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let dial = tokio::time::timeout(upstream::CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-    let server = match dial {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return upstream::text(StatusCode::BAD_GATEWAY, format!("{host}:{port}: {e}"))
+    let server = match upstream::dial(&proxy.policy, &host, port, Purpose::Tunnel).await {
+        Ok(s) => s,
+        Err(DialError::Refused(r)) => {
+            debug!(reason = %r, "proxy: CONNECT refused");
+            proxy.metrics.proxy_requests(ProxyKind::Denied).inc();
+            return upstream::text(StatusCode::FORBIDDEN, r.to_string());
         }
-        Err(_) => {
-            return upstream::text(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "{host}:{port}: no connection within {:?}",
-                    upstream::CONNECT_TIMEOUT
-                ),
-            )
+        Err(e @ DialError::Timeout { .. }) => {
+            return upstream::text(StatusCode::GATEWAY_TIMEOUT, e.to_string())
         }
+        Err(e) => return upstream::text(StatusCode::BAD_GATEWAY, e.to_string()),
     };
-    let _ = server.set_nodelay(true);
     proxy.metrics.proxy_requests(ProxyKind::Tunnel).inc();
     tokio::spawn(
         async move {

@@ -3,10 +3,16 @@
 //! everything else to the registry untouched.
 //!
 //! A blob `GET` is served from the mesh only after the registry confirmed, with the client's own
-//! credentials, that this client may read it (a `HEAD` of the same URL; 2xx, or a 3xx to
-//! object storage, means yes). A client that may not gets the registry's own answer to its
-//! request — never a byte from the mesh. Positive answers are remembered briefly
-//! ([`ACCESS_TTL`]) per credentials, registry, repository and digest.
+//! credentials, that this client may read it: a `HEAD` of the same URL answered 2xx, or
+//! redirected (at most [`MAX_ACCESS_REDIRECTS`] times, HTTPS only, each hop under the
+//! connection policy, the credentials sent to the registry's own origin only) to an answer that
+//! is 2xx. A client that may not gets the registry's own answer to its request — never a byte
+//! from the mesh. Positive answers are remembered briefly ([`ACCESS_TTL`]) per credentials,
+//! registry, repository and digest.
+//!
+//! Only over HTTPS: a registry reached over plain HTTP (an absolute-form proxy request) is passed
+//! through and never served from the mesh, since whoever answers a cleartext check — anyone on
+//! the path — could vouch for content that was fetched over HTTPS.
 //!
 //! Not for: TLS, CONNECT, the mesh itself ([`crate::blobs`]).
 
@@ -28,7 +34,7 @@ use tracing::{debug, warn};
 
 use super::rules::{self, BlobPath, RangeAnswer};
 use super::tokens::{TokenAnswer, MAX_TOKEN_BODY};
-use super::upstream::{self, Body, BoxError, Target};
+use super::upstream::{self, Body, BoxError, Target, UpstreamError};
 use super::Proxy;
 use crate::blobs::{BlobError, BlobRequest};
 use crate::metrics::{Metrics, ProxyKind};
@@ -38,6 +44,8 @@ use crate::task;
 pub const ACCESS_TTL: Duration = Duration::from_secs(60);
 /// Access answers remembered at once.
 pub const ACCESS_CACHE: usize = 4096;
+/// Redirects an access check follows before it gives up (and the client is refused the mesh).
+pub const MAX_ACCESS_REDIRECTS: usize = 5;
 
 /// How a registry request reached the proxy.
 #[derive(Clone, Debug)]
@@ -50,7 +58,7 @@ pub struct Route {
 
 /// Handles one registry request.
 pub async fn handle(proxy: Arc<Proxy>, route: Route, req: Request<Body>) -> Response<Body> {
-    if req.method() == Method::GET {
+    if req.method() == Method::GET && route.target.scheme == http::uri::Scheme::HTTPS {
         if let Some(blob) = rules::blob_path(req.uri().path()) {
             return blob_get(proxy, route, req, blob).await;
         }
@@ -96,6 +104,11 @@ pub async fn passthrough(
             *resp.version_mut() = Version::HTTP_11;
             resp
         }
+        Err(UpstreamError::Refused(r)) => {
+            debug!(reason = %r, "proxy: upstream connection refused by policy");
+            proxy.metrics.proxy_requests(ProxyKind::Denied).inc();
+            upstream::text(StatusCode::FORBIDDEN, r.to_string())
+        }
         Err(e) => {
             warn!(error = %e, "proxy: upstream request failed");
             upstream::text(StatusCode::BAD_GATEWAY, e.to_string())
@@ -126,20 +139,10 @@ async fn blob_get(
         &digest,
     );
     if !proxy.access.allowed(&key, Instant::now()) {
-        let mut headers = HeaderMap::new();
-        if let Some(a) = &auth {
-            headers.insert(header::AUTHORIZATION, a.clone());
-        }
-        match proxy
-            .upstream
-            .simple(Method::HEAD, url.clone(), headers)
-            .await
-        {
-            Ok(r) if r.status().is_success() || r.status().is_redirection() => {
-                proxy.access.insert(key, Instant::now());
-            }
-            Ok(r) => {
-                debug!(status = %r.status(), blob = %digest, "proxy: registry refused the blob");
+        match may_read(&proxy, url.clone(), auth.as_ref()).await {
+            Ok(Access::Granted) => proxy.access.insert(key, Instant::now()),
+            Ok(Access::Denied(why)) => {
+                debug!(why, blob = %digest, "proxy: the registry did not grant the blob");
                 // The registry's own answer to this very request: status, challenge, body.
                 return passthrough(proxy, route, req, ProxyKind::Denied).await;
             }
@@ -208,6 +211,89 @@ async fn blob_get(
         );
     }
     resp
+}
+
+/// What an access check found.
+enum Access {
+    /// A 2xx, directly or at the end of the redirects.
+    Granted,
+    /// Anything else, and why (for the log).
+    Denied(String),
+}
+
+/// Whether the registry lets the holder of `auth` read `url`: `HEAD`, following redirects as
+/// the module doc says. Boxed as `Send` for the same reason as [`coalesced_token`].
+fn may_read<'a>(
+    proxy: &'a Proxy,
+    url: http::Uri,
+    auth: Option<&'a HeaderValue>,
+) -> Pin<Box<dyn Future<Output = Result<Access, upstream::UpstreamError>> + Send + 'a>> {
+    Box::pin(async move {
+        let origin = (url.scheme().cloned(), url.authority().cloned());
+        let mut at = url;
+        for _ in 0..=MAX_ACCESS_REDIRECTS {
+            let mut headers = HeaderMap::new();
+            if let Some(a) = auth {
+                // Credentials for the registry, never for the storage it redirects to.
+                if (at.scheme().cloned(), at.authority().cloned()) == origin {
+                    headers.insert(header::AUTHORIZATION, a.clone());
+                }
+            }
+            let r = proxy
+                .upstream
+                .simple(Method::HEAD, at.clone(), headers)
+                .await?;
+            let status = r.status();
+            if status.is_success() {
+                return Ok(Access::Granted);
+            }
+            if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+                return Ok(Access::Denied(format!("{at}: {status}")));
+            }
+            let location = r
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok());
+            match location.and_then(|l| redirect_target(&at, l)) {
+                Some(next) if next.scheme() == Some(&http::uri::Scheme::HTTPS) => at = next,
+                Some(next) => {
+                    return Ok(Access::Denied(format!(
+                        "{at}: redirect to {next}, not HTTPS"
+                    )))
+                }
+                None => {
+                    return Ok(Access::Denied(format!(
+                        "{at}: {status} without a usable Location"
+                    )))
+                }
+            }
+        }
+        Ok(Access::Denied(format!(
+            "more than {MAX_ACCESS_REDIRECTS} redirects"
+        )))
+    })
+}
+
+/// Where a `Location` header leads from `base`: an absolute URL, a scheme-relative `//host/…`,
+/// or an absolute path on the same origin. Relative paths are not resolved (registries and
+/// storage do not send them); `None` for them and for anything unparsable.
+fn redirect_target(base: &http::Uri, location: &str) -> Option<http::Uri> {
+    let location = location.trim();
+    if let Some(rest) = location.strip_prefix("//") {
+        let scheme = base.scheme_str()?;
+        return format!("{scheme}://{rest}").parse().ok();
+    }
+    if location.starts_with('/') {
+        let pq: http::uri::PathAndQuery = location.parse().ok()?;
+        return http::Uri::builder()
+            .scheme(base.scheme()?.clone())
+            .authority(base.authority()?.clone())
+            .path_and_query(pq)
+            .build()
+            .ok();
+    }
+    let uri: http::Uri = location.parse().ok()?;
+    (uri.scheme().is_some() && uri.authority().is_some()).then_some(uri)
 }
 
 /// The blob's bytes as a response body. An error from the mesh, or an end before the last
@@ -419,6 +505,33 @@ mod tests {
             "/v2/a/tags/list?ns=x.io"
         );
         assert_eq!(path_and_query(&u("/v2/"), true), "/v2/");
+    }
+
+    #[test]
+    fn redirect_targets() {
+        let base: http::Uri = "https://registry.test:5000/v2/a/blobs/sha256:00"
+            .parse()
+            .unwrap();
+        let t = |l: &str| redirect_target(&base, l).map(|u| u.to_string());
+        assert_eq!(
+            t("https://s3.example/bucket/x?X-Amz-Signature=1").as_deref(),
+            Some("https://s3.example/bucket/x?X-Amz-Signature=1")
+        );
+        assert_eq!(
+            t("/storage/x?sig=2").as_deref(),
+            Some("https://registry.test:5000/storage/x?sig=2")
+        );
+        assert_eq!(
+            t("//cdn.example/x").as_deref(),
+            Some("https://cdn.example/x")
+        );
+        assert_eq!(
+            t("http://plain.example/x").as_deref(),
+            Some("http://plain.example/x")
+        );
+        assert_eq!(t("storage/x"), None);
+        assert_eq!(t(""), None);
+        assert_eq!(t("https://"), None);
     }
 
     #[test]

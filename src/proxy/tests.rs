@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use sha2::Digest;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::*;
@@ -117,6 +118,10 @@ async fn setup() -> Setup {
             ca_dir: dir.path().join("proxy-ca"),
             origin_ca: vec![ca_file],
             mirror_upstream: registry.addr().to_string(),
+            // The dev registry listens on loopback.
+            allow: vec!["127.0.0.0/8".parse().unwrap()],
+            own: Vec::new(),
+            serve_metrics: true,
         },
         Arc::new(Mesh(mesh.clone())),
         metrics.clone(),

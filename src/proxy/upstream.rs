@@ -1,11 +1,18 @@
 //! Requests to the real registry (or any origin a plain-HTTP proxy request names): one pooled
 //! hyper client, TLS verified against the system roots, `SSL_CERT_FILE`/`SSL_CERT_DIR` and the
-//! daemon's `--origin-ca` files, bodies streamed both ways.
+//! daemon's `--origin-ca` files, bodies streamed both ways. Every connection — the client's and
+//! a CONNECT tunnel's — is opened by [`dial`], which resolves the name, asks the
+//! [`ConnectPolicy`] about each address and connects to an address that passed.
 //!
 //! Not for: deciding what goes upstream (see [`super::registry`]); redirects are never
 //! followed here — the client sees them as the registry sent them.
 
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,9 +21,11 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::policy::{ConnectPolicy, Purpose, Refusal};
 
 /// Errors carried by bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -50,6 +59,160 @@ pub enum UpstreamError {
     /// No answer head within [`RESPONSE_TIMEOUT`].
     #[error("upstream {0}: no answer within {RESPONSE_TIMEOUT:?}")]
     Timeout(String),
+    /// The connection policy refused the target; the client gets a 403 saying why.
+    #[error(transparent)]
+    Refused(Refusal),
+}
+
+/// Why the proxy could not open a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The policy refused every address (the first refusal), or the port.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The name did not resolve.
+    #[error("{host}: cannot resolve: {source}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The name resolved to no address.
+    #[error("{host}: no address")]
+    NoAddress {
+        /// The name.
+        host: String,
+    },
+    /// A URI without a host.
+    #[error("{0}: no host to connect to")]
+    NoHost(String),
+    /// Every allowed address refused the connection (the last error).
+    #[error("{host}:{port}: {source}")]
+    Connect {
+        /// The name.
+        host: String,
+        /// The port.
+        port: u16,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Nothing connected within [`CONNECT_TIMEOUT`] (resolving included).
+    #[error("{host}:{port}: no connection within {CONNECT_TIMEOUT:?}")]
+    Timeout {
+        /// The name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+/// Opens a TCP connection to `host:port` for `purpose`, if the policy allows: resolves the
+/// name, checks every address, and connects only to addresses that passed — the checked address
+/// itself, never the name again, so a second lookup cannot answer differently. Bounded by
+/// [`CONNECT_TIMEOUT`].
+pub async fn dial(
+    policy: &ConnectPolicy,
+    host: &str,
+    port: u16,
+    purpose: Purpose,
+) -> Result<TcpStream, DialError> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match tokio::time::timeout(CONNECT_TIMEOUT, dial_checked(policy, host, port, purpose)).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Timeout {
+            host: host.to_string(),
+            port,
+        }),
+    }
+}
+
+async fn dial_checked(
+    policy: &ConnectPolicy,
+    host: &str,
+    port: u16,
+    purpose: Purpose,
+) -> Result<TcpStream, DialError> {
+    let resolved: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        // An address literal is judged as an address: the refusal names what it is.
+        Ok(ip) => vec![ip],
+        Err(_) => {
+            // A port no address could open costs no DNS query.
+            policy.check_name(host, port, purpose)?;
+            tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|source| DialError::Resolve {
+                    host: host.to_string(),
+                    source,
+                })?
+                .map(|sa| sa.ip())
+                .collect()
+        }
+    };
+    let mut allowed: Vec<IpAddr> = Vec::new();
+    let mut refused = None;
+    for ip in resolved {
+        match policy.check(host, ip, port, purpose) {
+            Ok(()) if !allowed.contains(&ip) => allowed.push(ip),
+            Ok(()) => {}
+            Err(r) => {
+                refused.get_or_insert(r);
+            }
+        }
+    }
+    if allowed.is_empty() {
+        return Err(match refused {
+            Some(r) => DialError::Refused(r),
+            None => DialError::NoAddress {
+                host: host.to_string(),
+            },
+        });
+    }
+    let mut last = None;
+    for ip in allowed {
+        match TcpStream::connect(SocketAddr::new(ip, port)).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(DialError::Connect {
+        host: host.to_string(),
+        port,
+        source: last.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into()),
+    })
+}
+
+/// The upstream client's connector: [`dial`] for every new connection, with the purpose the
+/// URI implies (a configured registry, else a tunnel-like HTTPS target, else forwarding).
+#[derive(Clone)]
+pub struct PolicyConnector {
+    policy: Arc<ConnectPolicy>,
+}
+
+impl tower_service::Service<Uri> for PolicyConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = DialError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), DialError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let https = uri.scheme() == Some(&Scheme::HTTPS);
+            let host = uri
+                .host()
+                .ok_or_else(|| DialError::NoHost(uri.to_string()))?;
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let purpose = policy.purpose_of(host, port, https);
+            dial(&policy, host, port, purpose).await.map(TokioIo::new)
+        })
+    }
 }
 
 /// Where a registry request goes.
@@ -76,13 +239,20 @@ impl Target {
 /// The pooled client.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    client: Client<hyper_rustls::HttpsConnector<PolicyConnector>, Body>,
 }
 
 impl Upstream {
-    /// A client trusting the system roots (and `SSL_CERT_FILE`) plus `extra_cas`.
-    pub fn new(extra_cas: &[PathBuf]) -> Result<Self, UpstreamError> {
-        let https = crate::origin::https_connector(extra_cas).map_err(UpstreamError::Tls)?;
+    /// A client trusting the system roots (and `SSL_CERT_FILE`) plus `extra_cas`, connecting
+    /// where `policy` allows.
+    pub fn new(extra_cas: &[PathBuf], policy: Arc<ConnectPolicy>) -> Result<Self, UpstreamError> {
+        let tls = crate::origin::tls_client_config(extra_cas).map_err(UpstreamError::Tls)?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(PolicyConnector { policy });
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -105,9 +275,12 @@ impl Upstream {
         } else {
             fut.await
         };
-        let resp = resp.map_err(|e| UpstreamError::Failed {
-            uri,
-            reason: error_chain(&e),
+        let resp = resp.map_err(|e| match refusal_in(&e) {
+            Some(r) => UpstreamError::Refused(r),
+            None => UpstreamError::Failed {
+                uri,
+                reason: error_chain(&e),
+            },
         })?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -190,6 +363,21 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// The policy's refusal somewhere in an error's sources (the client wraps the connector's).
+fn refusal_in(e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if let Some(DialError::Refused(r)) = e.downcast_ref::<DialError>() {
+            return Some(r.clone());
+        }
+        if let Some(r) = e.downcast_ref::<Refusal>() {
+            return Some(r.clone());
+        }
+        at = e.source();
+    }
+    None
 }
 
 /// An error with its sources, on one line.

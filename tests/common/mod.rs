@@ -84,8 +84,10 @@ pub struct Daemon {
     child: Child,
     /// Its mesh (upload) address.
     pub mesh: SocketAddr,
-    /// Its HTTP address (`/metrics`).
+    /// Its proxy address.
     pub proxy: SocketAddr,
+    /// Its `/metrics` address (`--metrics`, off the proxy port).
+    pub metrics_addr: SocketAddr,
     /// Its local socket.
     pub socket: PathBuf,
     /// Its data directory.
@@ -347,7 +349,13 @@ impl Env {
         .arg(pki)
         .arg("--socket")
         .arg(&socket)
+        .args(["--metrics", "127.0.0.1:0"])
         .args(extra);
+        // Test origins and registries listen on loopback, where the proxy connects only when
+        // told; a test that sets its own --proxy-allow gets exactly what it asked for.
+        if !extra.contains(&"--proxy-allow") {
+            cmd.args(["--proxy-allow", "127.0.0.0/8"]);
+        }
         for sn in supernodes {
             cmd.arg("--supernode").arg(sn.addr());
         }
@@ -374,12 +382,13 @@ impl Env {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
         };
-        let (mesh, proxy) = (addr("mesh"), addr("proxy"));
+        let (mesh, proxy, metrics_addr) = (addr("mesh"), addr("proxy"), addr("metrics"));
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Daemon {
             child,
             mesh,
             proxy,
+            metrics_addr,
             socket,
             data_dir,
             log,
@@ -511,7 +520,7 @@ impl Daemon {
 
     /// Its Prometheus metrics, parsed into `name{labels}` → value.
     pub async fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
-        scrape(self.proxy).await
+        scrape(self.metrics_addr).await
     }
 
     /// Stops the daemon (SIGKILL).
