@@ -19,46 +19,33 @@ use std::time::Duration;
 use bytes::Bytes;
 use d7q_wire::{
     BadPeerReason, BadPeerReport, Bitmap, BitmapUpdate, Capabilities, Control, ErrorCode, ErrorMsg,
-    Have, Hello, Labels, NodeId, PeerInfo, PieceHeader, PieceRequest, PieceStatus, Register,
-    Sha256, TaskId,
+    Have, Hello, Labels, NodeId, PieceHeader, PieceRequest, PieceStatus, Register, Sha256, TaskId,
 };
 use sha2::Digest;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, info, warn};
 
-use crate::metrics::{FailureReason, Metrics, Source};
+use crate::metrics::{FailureReason, Metrics, ParentDrop, Source};
 use crate::peer::{GetError, ProgressFn};
 use crate::proto;
 use crate::ratelimit::RateLimiter;
-use crate::sched::picker::{PickerConfig, PiecePicker, SourceId};
+use crate::sched::download::{Action, Delivery, Download, DownloadConfig, Failure, PieceFailure};
+use crate::sched::picker::SourceId;
 use crate::store::StoreError;
 use crate::task::Geometry;
 use crate::transport::{self, MeshError};
 
-/// The seed's source id in the picker.
-pub const SEED: SourceId = SourceId(0);
-/// Piece requests in flight to the seed. Lower than to a peer on purpose: the seed should
-/// hand out pieces nobody else has and leave the rest to the swarm.
-pub const SEED_IN_FLIGHT: usize = 8;
-/// Piece requests in flight to one parent peer.
-pub const PEER_IN_FLIGHT: usize = 16;
-/// Parents connected at once.
-pub const MAX_PARENTS: usize = d7q_wire::MAX_PARENTS;
+pub use crate::sched::download::{
+    MAX_PARENTS, PARENT_FAILURES, PEER_IN_FLIGHT, PIECE_TIMEOUT, SEED, SEED_ATTEMPTS,
+    SEED_BUSY_BACKOFF, SEED_IN_FLIGHT,
+};
 /// Verified pieces queued toward the disk writer.
 pub const WRITE_QUEUE_PIECES: usize = 16;
 /// Out-of-order pieces kept in memory for the whole-content hash before it re-reads them.
 pub const HASH_WINDOW_PIECES: usize = 64;
-/// How long one piece may take before its parent is deemed stalled.
-pub const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Failures (timeouts, refusals, broken streams) after which a parent is dropped.
-pub const PARENT_FAILURES: u32 = 3;
-/// Attempts per piece from the seed before the download fails.
-pub const SEED_ATTEMPTS: u32 = 4;
 /// How long to wait for the seed's answer to a registration (the origin may be slow).
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long a piece the seed refused as busy is not asked of the seed again (peers hold it).
-pub const SEED_BUSY_BACKOFF: Duration = Duration::from_millis(300);
 /// Control messages buffered from all sources toward the engine.
 pub const EVENT_QUEUE: usize = 1024;
 
@@ -247,8 +234,6 @@ enum Event {
     /// A control message from the seed of generation `.0` (messages of a seed we left are
     /// dropped).
     Seed(u32, Result<Control, String>),
-    /// The seed said "busy" for a piece a while ago; offer it from the seed again.
-    SeedReoffer(u32),
     ParentReady(SourceId, quinn::Connection),
     Parent(SourceId, Control),
     ParentGone(SourceId, String),
@@ -268,11 +253,19 @@ impl From<GetError> for Stop {
     }
 }
 
-struct Parent {
-    info: PeerInfo,
+/// The IO half of a parent: its connection once made, and the session relaying its messages.
+struct ParentLink {
     conn: Option<quinn::Connection>,
-    failures: u32,
     task: AbortHandle,
+}
+
+impl ParentLink {
+    fn close(self) {
+        self.task.abort();
+        if let Some(c) = self.conn {
+            c.close(transport::close::DONE, b"dropped");
+        }
+    }
 }
 
 /// The connection to the current seed and its control stream.
@@ -282,23 +275,19 @@ struct SeedLink {
     reader: AbortHandle,
 }
 
+/// A download whose geometry is known: the policy machine and where the bytes go.
 struct Running {
     geometry: Geometry,
-    picker: PiecePicker,
-    digests: Vec<Option<Sha256>>,
-    seed_attempts: Vec<u32>,
+    machine: Download,
     sink: Arc<dyn PieceSink>,
     writer_tx: Option<std::sync::mpsc::SyncSender<(u32, Bytes)>>,
     writer: Option<tokio::task::JoinHandle<Result<Option<Sha256>, StoreError>>>,
-    resumed: HashMap<u32, Option<Sha256>>,
-    done: Bitmap,
-    /// What the seed offers (digest known), less what it recently refused as busy.
-    seed_offer: Bitmap,
-    bytes_done: u64,
 }
 
 type PieceResult = (SourceId, u32, Result<Bytes, PieceError>);
 
+/// The async driver of one [`Download`]: it connects, moves bytes, writes them and feeds every
+/// outcome back; the machine decides.
 struct Engine<'a> {
     pool: &'a ConnPool,
     reg: Register,
@@ -311,11 +300,7 @@ struct Engine<'a> {
     seed_addr: Option<SocketAddr>,
     make_sink: Option<SinkFactory>,
     run: Option<Running>,
-    complete: Option<Sha256>,
-    parents: HashMap<SourceId, Parent>,
-    by_node: HashMap<NodeId, SourceId>,
-    banned: Vec<NodeId>,
-    next_source: u32,
+    parents: HashMap<SourceId, ParentLink>,
     inflight: JoinSet<PieceResult>,
     handles: HashMap<(SourceId, u32), AbortHandle>,
     from_seed: u64,
@@ -343,11 +328,7 @@ impl<'a> Engine<'a> {
             seed_addr: None,
             make_sink: Some(make_sink),
             run: None,
-            complete: None,
             parents: HashMap::new(),
-            by_node: HashMap::new(),
-            banned: Vec::new(),
-            next_source: 1,
             inflight: JoinSet::new(),
             handles: HashMap::new(),
             from_seed: 0,
@@ -473,6 +454,9 @@ impl<'a> Engine<'a> {
         .abort_handle();
         self.seed = Some(SeedLink { conn, send, reader });
         self.seed_addr = Some(addr);
+        if let Some(r) = self.run.as_mut() {
+            r.machine.handle_seed_attached();
+        }
         Ok(())
     }
 
@@ -483,27 +467,16 @@ impl<'a> Engine<'a> {
             link.reader.abort();
         }
         self.pool.drop_conn(addr);
-        self.handles.retain(|(s, _), h| {
-            if *s == SEED {
-                h.abort();
-                false
-            } else {
-                true
-            }
-        });
+        self.cancel_all(SEED);
         if let Some(r) = self.run.as_mut() {
-            r.picker.handle_source_gone(SEED);
-            r.seed_offer = Bitmap::new(r.geometry.piece_count);
-            r.picker.handle_source_bitmap(SEED, &r.seed_offer);
-            r.seed_attempts.iter_mut().for_each(|a| *a = 0);
+            r.machine.handle_seed_lost();
         }
     }
 
-    /// Says goodbye and stops everything still running.
     /// Stops everything still running. When lingering, the control stream to the seed stays
     /// open and is returned; otherwise it says goodbye.
     async fn shutdown(&mut self, linger: bool) -> Option<quinn::SendStream> {
-        for p in self.parents.values() {
+        for (_, p) in self.parents.drain() {
             p.task.abort();
         }
         self.inflight.abort_all();
@@ -535,19 +508,26 @@ impl<'a> Engine<'a> {
             if let Some(mut r) = self.run.take() {
                 if let Some(rp) = self.cfg.read_position.as_mut() {
                     if rp.has_changed().unwrap_or(false) {
-                        let piece = u64::from(r.geometry.piece_size.max(1));
-                        let pos = rp.borrow_and_update().map(|b| (b / piece) as u32);
-                        r.picker.set_read_position(pos);
+                        r.machine.set_read_position(*rp.borrow_and_update());
                     }
                 }
-                self.dispatch(&mut r);
-                let finished = r.picker.is_complete() && self.complete.is_some();
-                if finished {
-                    let sha = self.complete.expect("checked");
-                    return Ok(self.finish(r, sha).await?);
+                match self.apply(&mut r).await {
+                    Ok(true) => {
+                        let sha = r.machine.sha256().expect("done means confirmed");
+                        return Ok(self.finish(r, sha).await?);
+                    }
+                    Ok(false) => self.run = Some(r),
+                    Err(stop) => {
+                        self.run = Some(r);
+                        return Err(stop);
+                    }
                 }
-                self.run = Some(r);
             }
+            let deadline = self
+                .run
+                .as_mut()
+                .and_then(|r| r.machine.poll_timeout())
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 ev = self.events.recv() => {
                     let Some(ev) = ev else { return Err(GetError::Mesh("engine events closed".into()).into()) };
@@ -555,87 +535,51 @@ impl<'a> Engine<'a> {
                         Event::Seed(gen, _) if gen != self.seed_gen => {}
                         Event::Seed(_, msg) => {
                             let msg = msg.map_err(|e| Stop::Lost(GetError::Mesh(e)))?;
-                            match msg {
-                                Control::TaskMeta(m) if m.task == task => {
-                                    meta_seen = true;
-                                    let g = Geometry::checked(m.length, m.piece_size, m.piece_count)
-                                        .map_err(|e| GetError::Mesh(format!("supernode sent {e}")))?;
-                                    match &self.run {
-                                        Some(r) if r.geometry != g => {
-                                            return Err(GetError::Integrity("the content changed at the origin during the download".into()).into());
-                                        }
-                                        Some(_) => {}
-                                        None => {
-                                            let factory = self.make_sink.take().expect("sink made once");
-                                            self.run = Some(self.start(g, factory)?);
-                                            // The length is known: a streaming client may start.
-                                            if let Some(p) = &self.progress {
-                                                p(0, g.length);
-                                            }
-                                        }
-                                    }
-                                }
-                                Control::PieceDigests(pd) if pd.task == task => {
-                                    let resumed = self.handle_digests(pd)?;
-                                    if !resumed.is_empty() {
-                                        // Pieces kept from before a restart: the swarm may fetch them here.
-                                        if let Some(h) = &self.cfg.on_have {
-                                            resumed.iter().for_each(|&i| h(i));
-                                        }
-                                        self.send_seed(&Control::Have(Have { task, pieces: resumed })).await;
-                                    }
-                                }
-                                Control::Parents(p) if p.task == task => self.handle_parents(p.parents),
-                                Control::TaskComplete(c) if c.task == task => {
-                                    if self.complete.is_some_and(|old| old != c.sha256) {
-                                        return Err(GetError::Integrity("the content changed at the origin during the download".into()).into());
-                                    }
-                                    self.complete = Some(c.sha256);
-                                }
-                                Control::Error(e) if e.task.is_none() || e.task == Some(task) => return Err(remote_error(e).into()),
-                                other => debug!(?other, "ignored control message"),
+                            if matches!(msg, Control::TaskMeta(_)) {
+                                meta_seen = true;
                             }
-                        }
-                        Event::SeedReoffer(i) => {
-                            if let Some(r) = self.run.as_mut() {
-                                if self.seed.is_some() && r.digests[i as usize].is_some() && r.seed_offer.set(i) {
-                                    r.picker.handle_source_have(SEED, i);
-                                }
-                            }
+                            self.seed_message(task, msg).await?;
                         }
                         Event::ParentReady(src, conn) => {
-                            if let Some(p) = self.parents.get_mut(&src) {
-                                p.conn = Some(conn);
+                            match (self.parents.get_mut(&src), self.run.as_mut()) {
+                                (Some(p), Some(r)) => {
+                                    p.conn = Some(conn);
+                                    r.machine.handle_parent_ready(src);
+                                }
+                                _ => conn.close(transport::close::DONE, b"dropped"),
                             }
                         }
                         Event::Parent(src, msg) => {
                             let Some(r) = self.run.as_mut() else { continue };
                             match msg {
-                                Control::Bitmap(b) if b.task == task && b.bitmap.len() == r.geometry.piece_count => {
-                                    r.picker.handle_source_bitmap(src, &b.bitmap);
-                                }
-                                Control::Have(h) if h.task == task => {
-                                    for i in h.pieces {
-                                        if i < r.geometry.piece_count {
-                                            r.picker.handle_source_have(src, i);
-                                        }
-                                    }
-                                }
+                                Control::Bitmap(b) if b.task == task => r.machine.handle_bitmap(src, &b.bitmap),
+                                Control::Have(h) if h.task == task => r.machine.handle_have(src, &h.pieces),
                                 _ => {}
                             }
                         }
                         Event::ParentGone(src, why) => {
                             debug!(source = src.0, why, "parent gone");
-                            self.drop_parent(src);
+                            if let Some(p) = self.parents.remove(&src) {
+                                p.close();
+                                self.count_dropped(ParentDrop::Gone);
+                            }
+                            if let Some(r) = self.run.as_mut() {
+                                r.machine.handle_parent_gone(src);
+                            }
                         }
                     }
                 }
                 Some(joined) = self.inflight.join_next(), if !self.inflight.is_empty() => {
                     let Ok((src, i, result)) = joined else { continue }; // aborted
                     if self.handles.remove(&(src, i)).is_none() {
-                        continue; // a request of a source we dropped
+                        continue; // a request the machine gave up
                     }
                     self.piece_result(src, i, result).await?;
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    if let Some(r) = self.run.as_mut() {
+                        r.machine.handle_timeout(std::time::Instant::now());
+                    }
                 }
                 changed = wait_changed(&mut self.cfg.read_position) => {
                     if changed.is_err() {
@@ -649,42 +593,72 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Records digests from the seed; returns the pieces that were already stored and match.
-    fn handle_digests(&mut self, pd: d7q_wire::PieceDigests) -> Result<Vec<u32>, Stop> {
-        let mut resumed_now = Vec::new();
-        let r = self
-            .run
-            .as_mut()
-            .ok_or_else(|| GetError::Mesh("piece digests before task metadata".into()))?;
-        r.sink.record_digests(pd.first, &pd.digests);
-        for (k, digest) in pd.digests.into_iter().enumerate() {
-            let i = pd.first as usize + k;
-            if i >= r.digests.len() {
-                return Err(
-                    GetError::Mesh("supernode sent digests past the last piece".into()).into(),
-                );
+    /// One message from the seed's control stream.
+    async fn seed_message(&mut self, task: TaskId, msg: Control) -> Result<(), Stop> {
+        match msg {
+            Control::TaskMeta(m) if m.task == task => {
+                let g = Geometry::checked(m.length, m.piece_size, m.piece_count)
+                    .map_err(|e| GetError::Mesh(format!("supernode sent {e}")))?;
+                match &self.run {
+                    Some(r) if r.geometry != g => {
+                        return Err(GetError::Integrity(
+                            "the content changed at the origin during the download".into(),
+                        )
+                        .into());
+                    }
+                    Some(_) => {}
+                    None => {
+                        let factory = self.make_sink.take().expect("sink made once");
+                        self.run = Some(self.start(g, factory)?);
+                        // The length is known: a streaming client may start.
+                        if let Some(p) = &self.progress {
+                            p(0, g.length);
+                        }
+                    }
+                }
             }
-            let idx = i as u32;
-            if r.digests[i].is_some_and(|d| d != digest) {
-                // Another seed (after a failover) read different content from the origin.
-                return Err(GetError::Integrity(
-                    "the content changed at the origin during the download".into(),
-                )
-                .into());
+            Control::PieceDigests(pd) if pd.task == task => {
+                let r = self
+                    .run
+                    .as_mut()
+                    .ok_or_else(|| GetError::Mesh("piece digests before task metadata".into()))?;
+                r.sink.record_digests(pd.first, &pd.digests);
+                let resumed = r
+                    .machine
+                    .handle_digests(pd.first, &pd.digests)
+                    .map_err(|f| failure(f, self.seed_addr))?;
+                if !resumed.is_empty() {
+                    // Pieces kept from before a restart: the swarm may fetch them here.
+                    if let Some(h) = &self.cfg.on_have {
+                        resumed.iter().for_each(|&i| h(i));
+                    }
+                    self.send_seed(&Control::Have(Have {
+                        task,
+                        pieces: resumed,
+                    }))
+                    .await;
+                }
             }
-            r.digests[i] = Some(digest);
-            r.picker.handle_digest(idx);
-            r.picker.handle_source_have(SEED, idx);
-            r.seed_offer.set(idx);
-            if r.resumed.remove(&idx).is_some_and(|d| d == Some(digest)) {
-                // Stored before a restart, verified against this very digest.
-                r.picker.handle_done(idx);
-                r.done.set(idx);
-                r.bytes_done += r.geometry.piece_len(idx) as u64;
-                resumed_now.push(idx);
+            Control::Parents(p) if p.task == task => {
+                if let Some(r) = self.run.as_mut() {
+                    r.machine.handle_parents(&p.parents);
+                }
             }
+            Control::TaskComplete(c) if c.task == task => {
+                let r = self
+                    .run
+                    .as_mut()
+                    .ok_or_else(|| GetError::Mesh("task complete before task metadata".into()))?;
+                r.machine
+                    .handle_complete(c.sha256)
+                    .map_err(|f| failure(f, self.seed_addr))?;
+            }
+            Control::Error(e) if e.task.is_none() || e.task == Some(task) => {
+                return Err(remote_error(e).into())
+            }
+            other => debug!(?other, "ignored control message"),
         }
-        Ok(resumed_now)
+        Ok(())
     }
 
     fn start(&mut self, g: Geometry, factory: SinkFactory) -> Result<Running, GetError> {
@@ -700,75 +674,124 @@ impl<'a> Engine<'a> {
             resumed = resumed.len(),
             "download started"
         );
-        let cfg = PickerConfig {
-            seed: rand::random(),
-            max_in_flight_per_source: PEER_IN_FLIGHT,
-            ..PickerConfig::default()
-        };
+        let cfg = DownloadConfig::new(self.cfg.node_id, rand::random());
         Ok(Running {
             geometry: g,
-            picker: {
-                let mut p = PiecePicker::new(g.piece_count, cfg);
-                p.set_source_limit(SEED, SEED_IN_FLIGHT);
-                p
-            },
-            digests: vec![None; g.piece_count as usize],
-            seed_attempts: vec![0; g.piece_count as usize],
+            machine: Download::new(g.length, g.piece_size, g.piece_count, resumed, cfg),
             sink,
             writer_tx: Some(tx),
             writer: Some(writer),
-            resumed,
-            done: Bitmap::new(g.piece_count),
-            seed_offer: Bitmap::new(g.piece_count),
-            bytes_done: 0,
         })
     }
 
-    /// Hands out piece requests to every source with room, and cancels redundant duplicates.
-    fn dispatch(&mut self, r: &mut Running) {
-        while let Some((src, i)) = r.picker.poll_cancel() {
-            if let Some(h) = self.handles.remove(&(src, i)) {
-                h.abort();
-            }
-        }
-        let mut sources: Vec<(SourceId, quinn::Connection, usize)> = self
-            .parents
-            .iter()
-            .filter_map(|(s, p)| p.conn.clone().map(|c| (*s, c, PEER_IN_FLIGHT)))
-            .collect();
-        // The seed last: peers first take what they can.
-        if let Some(link) = &self.seed {
-            sources.push((SEED, link.conn.clone(), SEED_IN_FLIGHT));
-        }
-        for (src, conn, limit) in sources {
-            while r.picker.in_flight(src) < limit {
-                let Some(i) = r.picker.poll_request(src) else {
-                    break;
-                };
-                let Some(digest) = r.digests[i as usize] else {
-                    r.picker.handle_failed(src, i);
-                    break;
-                };
-                let len = r.geometry.piece_len(i);
-                let task = self.reg.task;
-                let delay = if src == SEED {
-                    retry_delay(r.seed_attempts[i as usize])
-                } else {
-                    Duration::ZERO
-                };
-                let limiters = self.cfg.limiters.clone();
-                let conn = conn.clone();
-                let h = self.inflight.spawn(async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
+    /// Carries out the machine's decisions; `Ok(true)` when the download is done.
+    async fn apply(&mut self, r: &mut Running) -> Result<bool, Stop> {
+        while let Some(action) = r.machine.poll_action(std::time::Instant::now()) {
+            match action {
+                Action::Connect { src, peer } => {
+                    let task = tokio::spawn(parent_session(
+                        self.pool.endpoint().clone(),
+                        peer.addr,
+                        self.reg.task,
+                        self.cfg.clone(),
+                        src,
+                        self.events_tx.clone(),
+                    ))
+                    .abort_handle();
+                    self.parents.insert(src, ParentLink { conn: None, task });
+                }
+                Action::Request {
+                    src,
+                    index,
+                    len,
+                    digest,
+                } => {
+                    let conn = if src == SEED {
+                        self.seed.as_ref().map(|l| l.conn.clone())
+                    } else {
+                        self.parents.get(&src).and_then(|p| p.conn.clone())
+                    };
+                    let Some(conn) = conn else {
+                        // Gone between the decision and now: the machine hears of it as a
+                        // failure, as it would from a stream.
+                        r.machine.handle_piece_result(
+                            src,
+                            index,
+                            Err(PieceFailure::Connection),
+                            std::time::Instant::now(),
+                        );
+                        continue;
+                    };
+                    let task = self.reg.task;
+                    let limiters = self.cfg.limiters.clone();
+                    let h = self.inflight.spawn(async move {
+                        let refs: Vec<&RateLimiter> = limiters.iter().collect();
+                        crate::ratelimit::acquire_all(&refs, len as u64).await;
+                        (
+                            src,
+                            index,
+                            fetch_piece(&conn, task, index, len, digest).await,
+                        )
+                    });
+                    self.handles.insert((src, index), h);
+                }
+                Action::Cancel {
+                    src,
+                    index,
+                    timed_out,
+                } => {
+                    if let Some(h) = self.handles.remove(&(src, index)) {
+                        h.abort();
                     }
-                    let refs: Vec<&RateLimiter> = limiters.iter().collect();
-                    crate::ratelimit::acquire_all(&refs, len as u64).await;
-                    (src, i, fetch_piece(&conn, task, i, len, digest).await)
-                });
-                self.handles.insert((src, i), h);
+                    if timed_out {
+                        debug!(source = src.0, piece = index, "piece timed out");
+                        if let Some(m) = &self.cfg.metrics {
+                            m.piece_failures(FailureReason::Timeout).inc();
+                        }
+                    }
+                }
+                Action::Report { peer, reason } => {
+                    if reason == BadPeerReason::DigestMismatch {
+                        warn!(%peer, "parent sent a corrupt piece; dropped");
+                    }
+                    let report = Control::BadPeer(BadPeerReport {
+                        task: self.reg.task,
+                        peer,
+                        reason,
+                    });
+                    self.send_seed(&report).await;
+                }
+                Action::DropParent { src } => {
+                    if let Some(p) = self.parents.remove(&src) {
+                        p.close();
+                        self.count_dropped(ParentDrop::Failures);
+                    }
+                    self.cancel_all(src);
+                }
+                Action::Done => return Ok(true),
+                Action::Fail(f) => return Err(failure(f, self.seed_addr)),
             }
         }
+        Ok(false)
+    }
+
+    /// `d7q_parents_dropped_total{reason}`.
+    fn count_dropped(&self, why: ParentDrop) {
+        if let Some(m) = &self.cfg.metrics {
+            m.parents_dropped(why).inc();
+        }
+    }
+
+    /// Aborts every request out at `src`.
+    fn cancel_all(&mut self, src: SourceId) {
+        self.handles.retain(|(s, _), h| {
+            if *s == src {
+                h.abort();
+                false
+            } else {
+                true
+            }
+        });
     }
 
     async fn piece_result(
@@ -792,165 +815,57 @@ impl<'a> Engine<'a> {
         i: u32,
         result: Result<Bytes, PieceError>,
     ) -> Result<(), Stop> {
-        match result {
-            Ok(bytes) => {
-                let n = bytes.len() as u64;
-                if src == SEED {
-                    self.from_seed += n;
-                } else {
-                    self.from_peers += n;
-                }
-                if let Some(m) = &self.cfg.metrics {
-                    m.download_bytes(if src == SEED {
-                        Source::Supernode
-                    } else {
-                        Source::Peer
-                    })
-                    .add(n);
-                }
-                if !r.done.set(i) {
-                    return Ok(()); // a duplicate that finished second
-                }
-                r.picker.handle_done_from(src, i);
-                r.bytes_done += n;
-                if let Some(p) = &self.progress {
-                    p(r.bytes_done, r.geometry.length);
-                }
-                let tx = r.writer_tx.clone().expect("writer open until finish");
-                tokio::task::spawn_blocking(move || tx.send((i, bytes)))
-                    .await
-                    .map_err(|e| GetError::Mesh(format!("writer: {e}")))?
-                    .map_err(|_| GetError::Mesh("disk writer stopped".into()))?;
-                if let Some(h) = &self.cfg.on_have {
-                    h(i);
-                }
-                let have = Control::Have(Have {
-                    task: self.reg.task,
-                    pieces: vec![i],
-                });
-                self.send_seed(&have).await;
-            }
+        let now = std::time::Instant::now();
+        let bytes = match result {
+            Ok(bytes) => bytes,
             Err(e) => {
                 debug!(source = src.0, piece = i, error = %e, "piece failed");
                 let busy_seed = src == SEED && matches!(e, PieceError::Refused(PieceStatus::Busy));
                 if let (Some(m), false) = (&self.cfg.metrics, busy_seed) {
                     m.piece_failures(e.reason()).inc();
                 }
-                r.picker.handle_failed(src, i);
-                if src == SEED && matches!(e, PieceError::Refused(PieceStatus::Busy)) {
-                    // Peers hold it: take it from them; the seed is asked again later if not.
-                    r.seed_offer.clear(i);
-                    r.picker.handle_source_bitmap(SEED, &r.seed_offer);
-                    let tx = self.events_tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(SEED_BUSY_BACKOFF).await;
-                        let _ = tx.send(Event::SeedReoffer(i)).await;
-                    });
-                    return Ok(());
+                if let (SEED, PieceError::Connection(c)) = (src, &e) {
+                    let addr = self.seed_addr.expect("a seed was attached");
+                    return Err(Stop::Lost(transport::conn_error(addr, c.clone()).into()));
                 }
-                if src == SEED {
-                    if let PieceError::Connection(c) = e {
-                        let addr = self.seed_addr.expect("a seed was attached");
-                        return Err(Stop::Lost(transport::conn_error(addr, c).into()));
-                    }
-                    r.seed_attempts[i as usize] += 1;
-                    if r.seed_attempts[i as usize] >= SEED_ATTEMPTS {
-                        return Err(match e {
-                            PieceError::Corrupt => GetError::Integrity(format!(
-                                "piece {i} from the supernode failed verification {SEED_ATTEMPTS} times"
-                            ))
-                            .into(),
-                            e => Stop::Lost(GetError::Mesh(format!("piece {i}: {e}"))),
-                        });
-                    }
-                    return Ok(());
-                }
-                let reason = match e {
-                    PieceError::Corrupt => Some(BadPeerReason::DigestMismatch),
-                    PieceError::Timeout => Some(BadPeerReason::Timeout),
-                    PieceError::Refused(PieceStatus::NotAvailable) => None,
-                    PieceError::Refused(_) => Some(BadPeerReason::Refused),
-                    _ => None,
-                };
-                let corrupt = matches!(reason, Some(BadPeerReason::DigestMismatch));
-                let Some(p) = self.parents.get_mut(&src) else {
-                    return Ok(());
-                };
-                p.failures += 1;
-                let node = p.info.node_id;
-                if corrupt || p.failures >= PARENT_FAILURES {
-                    if corrupt {
-                        warn!(peer = %node, addr = %p.info.addr, piece = i, "parent sent a corrupt piece; dropped");
-                    }
-                    if let Some(reason) = reason {
-                        let report = Control::BadPeer(BadPeerReport {
-                            task: self.reg.task,
-                            peer: node,
-                            reason,
-                        });
-                        self.send_seed(&report).await;
-                    }
-                    self.banned.push(node);
-                    r.picker.handle_source_gone(src);
-                    self.drop_parent(src);
-                }
+                r.machine.handle_piece_result(src, i, Err(e.failure()), now);
+                return Ok(());
             }
+        };
+        let n = bytes.len() as u64;
+        if src == SEED {
+            self.from_seed += n;
+        } else {
+            self.from_peers += n;
         }
-        Ok(())
-    }
-
-    fn handle_parents(&mut self, list: Vec<PeerInfo>) {
-        for info in list.into_iter().take(MAX_PARENTS) {
-            if info.node_id == self.cfg.node_id
-                || self.banned.contains(&info.node_id)
-                || self.by_node.contains_key(&info.node_id)
-                || self.parents.len() >= MAX_PARENTS
-            {
-                continue;
-            }
-            let src = SourceId(self.next_source);
-            self.next_source += 1;
-            let task = tokio::spawn(parent_session(
-                self.pool.endpoint().clone(),
-                info.addr,
-                self.reg.task,
-                self.cfg.clone(),
-                src,
-                self.events_tx.clone(),
-            ))
-            .abort_handle();
-            self.by_node.insert(info.node_id, src);
-            self.parents.insert(
-                src,
-                Parent {
-                    info,
-                    conn: None,
-                    failures: 0,
-                    task,
-                },
-            );
-        }
-    }
-
-    fn drop_parent(&mut self, src: SourceId) {
-        if let Some(p) = self.parents.remove(&src) {
-            p.task.abort();
-            if let Some(c) = p.conn {
-                c.close(transport::close::DONE, b"dropped");
-            }
-            // Keep the node id mapped so a later Parents list does not bring it back at once.
-        }
-        if let Some(r) = self.run.as_mut() {
-            r.picker.handle_source_gone(src);
-        }
-        self.handles.retain(|(s, _), h| {
-            if *s == src {
-                h.abort();
-                false
+        if let Some(m) = &self.cfg.metrics {
+            m.download_bytes(if src == SEED {
+                Source::Supernode
             } else {
-                true
-            }
+                Source::Peer
+            })
+            .add(n);
+        }
+        if r.machine.handle_piece_result(src, i, Ok(()), now) != Some(Delivery::New) {
+            return Ok(()); // a duplicate that finished second
+        }
+        if let Some(p) = &self.progress {
+            p(r.machine.bytes_done(), r.geometry.length);
+        }
+        let tx = r.writer_tx.clone().expect("writer open until finish");
+        tokio::task::spawn_blocking(move || tx.send((i, bytes)))
+            .await
+            .map_err(|e| GetError::Mesh(format!("writer: {e}")))?
+            .map_err(|_| GetError::Mesh("disk writer stopped".into()))?;
+        if let Some(h) = &self.cfg.on_have {
+            h(i);
+        }
+        let have = Control::Have(Have {
+            task: self.reg.task,
+            pieces: vec![i],
         });
+        self.send_seed(&have).await;
+        Ok(())
     }
 
     async fn finish(&mut self, mut r: Running, seed_sha: Sha256) -> Result<Outcome, GetError> {
@@ -981,6 +896,26 @@ impl<'a> Engine<'a> {
             supernode: self.seed_addr.expect("a seed was attached"),
             presence: None,
         })
+    }
+}
+
+/// A machine's failure as the engine's stop: a lost seed lets the next supernode take over.
+fn failure(f: Failure, seed: Option<SocketAddr>) -> Stop {
+    match f {
+        Failure::SeedLost(why) => Stop::Lost(GetError::Mesh(match seed {
+            Some(a) => format!("{a}: {why}"),
+            None => why,
+        })),
+        Failure::Integrity(why) => Stop::Fatal(GetError::Integrity(why)),
+        Failure::Mesh(why) => Stop::Fatal(GetError::Mesh(why)),
+    }
+}
+
+/// Sleeps until `at`; never, without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1059,17 +994,6 @@ fn remote_error(e: ErrorMsg) -> GetError {
     }
 }
 
-/// Back-off before retrying a piece at the seed: a refusal often means the reason is on its way
-/// on the control stream (the task failed), and an immediate retry would only hit it again.
-fn retry_delay(attempts: u32) -> Duration {
-    match attempts {
-        0 => Duration::ZERO,
-        n => Duration::from_millis(250 << (n - 1).min(4)),
-    }
-}
-
-/// Writes pieces through the sink. When the content has an expected digest, a second thread
-/// hashes it in order meanwhile, so the disk and the hash do not wait on each other.
 /// Resolves when a streaming reader moved; never, when there is none.
 async fn wait_changed(
     rp: &mut Option<tokio::sync::watch::Receiver<Option<u64>>>,
@@ -1080,6 +1004,8 @@ async fn wait_changed(
     }
 }
 
+/// Writes pieces through the sink. When the content has an expected digest, a second thread
+/// hashes it in order meanwhile, so the disk and the hash do not wait on each other.
 fn write_pieces(
     rx: std::sync::mpsc::Receiver<(u32, Bytes)>,
     sink: Arc<dyn PieceSink>,
@@ -1171,23 +1097,29 @@ pub enum PieceError {
     /// The bytes did not match the digest.
     #[error("piece digest mismatch")]
     Corrupt,
-    /// No answer in time.
-    #[error("timed out")]
-    Timeout,
 }
 
 impl PieceError {
     fn reason(&self) -> FailureReason {
         match self {
             PieceError::Corrupt => FailureReason::DigestMismatch,
-            PieceError::Timeout => FailureReason::Timeout,
             PieceError::Refused(_) => FailureReason::Refused,
             PieceError::Connection(_) | PieceError::Stream(_) => FailureReason::Stream,
         }
     }
+
+    /// What the download's policy makes of it.
+    fn failure(&self) -> PieceFailure {
+        match self {
+            PieceError::Connection(_) => PieceFailure::Connection,
+            PieceError::Stream(_) => PieceFailure::Stream,
+            PieceError::Refused(s) => PieceFailure::Refused(*s),
+            PieceError::Corrupt => PieceFailure::Corrupt,
+        }
+    }
 }
 
-/// Fetches and verifies one piece.
+/// Fetches and verifies one piece. It takes as long as the source takes: the caller bounds it.
 pub async fn fetch_piece(
     conn: &quinn::Connection,
     task: TaskId,
@@ -1240,9 +1172,8 @@ pub async fn fetch_piece(
         }
         Ok(Bytes::from(buf))
     };
-    tokio::time::timeout(PIECE_TIMEOUT, work)
-        .await
-        .map_err(|_| PieceError::Timeout)?
+    // No timeout here: the download's machine gives each request a deadline and cancels it.
+    work.await
 }
 
 #[cfg(test)]

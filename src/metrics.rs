@@ -169,6 +169,13 @@ label!(FailureReason, "reason", [
     Stream => "stream",
 ]);
 label!(ParentDrop, "reason", [Failures => "failures", Gone => "gone"]);
+label!(crate::sched::seed::Decision, "decision", [
+    First => "first",
+    Patience => "patience",
+    Starvation => "starvation",
+    Overflow => "overflow",
+    Busy => "busy",
+]);
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -260,7 +267,10 @@ pub struct Metrics {
     origin_bytes: Counter,
     origin_requests: Counter,
     peers_connected: Gauge,
+    mesh_connections_accepted: Counter,
+    mesh_path_changes: Counter,
     pieces_served: Counter,
+    seed_decisions: Family<crate::sched::seed::Decision, Counter>,
     proxy_requests: Family<ProxyKind, Counter>,
     proxy_blob_bytes: Counter,
     proxy_tokens_coalesced: Counter,
@@ -279,7 +289,10 @@ impl Metrics {
             origin_bytes: Counter::default(),
             origin_requests: Counter::default(),
             peers_connected: Gauge::default(),
+            mesh_connections_accepted: Counter::default(),
+            mesh_path_changes: Counter::default(),
             pieces_served: Counter::default(),
+            seed_decisions: Family::default(),
             proxy_requests: Family::default(),
             proxy_blob_bytes: Counter::default(),
             proxy_tokens_coalesced: Counter::default(),
@@ -332,9 +345,28 @@ impl Metrics {
         &self.peers_connected
     }
 
+    /// `d7q_mesh_connections_accepted_total`: mesh connections from other nodes that completed
+    /// the handshake with a cluster certificate. A client that keeps its connection through an
+    /// address change adds nothing here; one that had to reconnect adds one.
+    pub fn mesh_connections_accepted(&self) -> &Counter {
+        &self.mesh_connections_accepted
+    }
+
+    /// `d7q_mesh_path_changes_total`: times an accepted mesh connection's peer address changed
+    /// under it (QUIC connection migration: a NAT rebinding, a new network).
+    pub fn mesh_path_changes(&self) -> &Counter {
+        &self.mesh_path_changes
+    }
+
     /// `d7q_pieces_served_total`: pieces sent to other nodes.
     pub fn pieces_served(&self) -> &Counter {
         &self.pieces_served
+    }
+
+    /// `d7q_seed_decisions_total{decision}`: a supernode's answers to uploading peers' piece
+    /// requests (see [`crate::sched::seed`]): which rule let a copy out, or "busy".
+    pub fn seed_decisions(&self, d: crate::sched::seed::Decision) -> &Counter {
+        self.seed_decisions.get(d)
     }
 
     /// `d7q_proxy_requests_total{kind}`: requests the proxy handled, by what it did.
@@ -392,6 +424,13 @@ impl Metrics {
             &self.piece_failures,
             |c| c.value().to_string(),
         );
+        e.family(
+            "d7q_parents_dropped_total",
+            "counter",
+            "Parents a download stopped using, by reason.",
+            &self.parents_dropped,
+            |c| c.value().to_string(),
+        );
         e.single(
             "d7q_origin_bytes_total",
             "counter",
@@ -410,18 +449,30 @@ impl Metrics {
             "Mesh connections open now.",
             self.peers_connected.value(),
         );
-        e.family(
-            "d7q_parents_dropped_total",
+        e.single(
+            "d7q_mesh_connections_accepted_total",
             "counter",
-            "Parents a download stopped using, by reason.",
-            &self.parents_dropped,
-            |c| c.value().to_string(),
+            "Mesh connections accepted from other nodes (handshake and certificate done).",
+            self.mesh_connections_accepted.value(),
+        );
+        e.single(
+            "d7q_mesh_path_changes_total",
+            "counter",
+            "Peer address changes of accepted mesh connections (QUIC migration).",
+            self.mesh_path_changes.value(),
         );
         e.single(
             "d7q_pieces_served_total",
             "counter",
             "Pieces sent to other nodes.",
             self.pieces_served.value(),
+        );
+        e.family(
+            "d7q_seed_decisions_total",
+            "counter",
+            "Seed answers to uploading peers' piece requests, by the rule that decided.",
+            &self.seed_decisions,
+            |c| c.value().to_string(),
         );
         e.family(
             "d7q_proxy_requests_total",
@@ -620,7 +671,10 @@ mod tests {
         m.origin_bytes().add(5);
         m.origin_requests().inc();
         m.peers_connected().set(4);
+        m.mesh_connections_accepted().add(2);
+        m.mesh_path_changes().inc();
         m.pieces_served().add(9);
+        m.seed_decisions(crate::sched::seed::Decision::Busy).add(3);
         let want = format!(
             "\
 # HELP d7q_info Which d7q process this is.
@@ -658,9 +712,22 @@ d7q_origin_requests_total 1
 # HELP d7q_peers_connected Mesh connections open now.
 # TYPE d7q_peers_connected gauge
 d7q_peers_connected 4
+# HELP d7q_mesh_connections_accepted_total Mesh connections accepted from other nodes (handshake and certificate done).
+# TYPE d7q_mesh_connections_accepted_total counter
+d7q_mesh_connections_accepted_total 2
+# HELP d7q_mesh_path_changes_total Peer address changes of accepted mesh connections (QUIC migration).
+# TYPE d7q_mesh_path_changes_total counter
+d7q_mesh_path_changes_total 1
 # HELP d7q_pieces_served_total Pieces sent to other nodes.
 # TYPE d7q_pieces_served_total counter
 d7q_pieces_served_total 9
+# HELP d7q_seed_decisions_total Seed answers to uploading peers' piece requests, by the rule that decided.
+# TYPE d7q_seed_decisions_total counter
+d7q_seed_decisions_total{{decision=\"first\"}} 0
+d7q_seed_decisions_total{{decision=\"patience\"}} 0
+d7q_seed_decisions_total{{decision=\"starvation\"}} 0
+d7q_seed_decisions_total{{decision=\"overflow\"}} 0
+d7q_seed_decisions_total{{decision=\"busy\"}} 3
 # HELP d7q_proxy_requests_total Requests the proxy handled, by what it did.
 # TYPE d7q_proxy_requests_total counter
 d7q_proxy_requests_total{{kind=\"blob_mesh\"}} 0

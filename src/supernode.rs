@@ -352,10 +352,12 @@ impl Inner {
         }
         debug!(%remote, "mesh connection");
         self.metrics.peers_connected().inc();
+        self.metrics.mesh_connections_accepted().inc();
         let _connected = Decrement(&self.metrics);
-        // Set by the first control stream's Hello: whether the peer uploads to others decides
-        // whether the seed may send it to them instead (see SeedGate).
-        let uploader: Arc<OnceLock<bool>> = Arc::default();
+        let mut path = transport::PathWatch::new(remote);
+        // Set by the first control stream's Hello: the peer's id, if it uploads to others —
+        // which decides whether the seed may send it to them instead (see SeedGate).
+        let uploader: Arc<OnceLock<Option<NodeId>>> = Arc::default();
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -364,6 +366,10 @@ impl Inner {
                     return;
                 }
             };
+            if let Some(old) = path.handle_remote(conn.remote_address()) {
+                self.metrics.mesh_path_changes().inc();
+                debug!(%old, new = %conn.remote_address(), "peer address changed");
+            }
             let inner = self.clone();
             let conn2 = conn.clone();
             let uploader = uploader.clone();
@@ -381,7 +387,7 @@ impl Inner {
                         }
                     }
                     Ok(d7q_wire::stream_kind::PIECE) => {
-                        let gated = uploader.get().copied().unwrap_or(false);
+                        let gated = uploader.get().copied().flatten();
                         inner.piece_stream(send, recv, gated).await
                     }
                     Ok(other) => {
@@ -398,7 +404,7 @@ impl Inner {
         self: Arc<Self>,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-        uploader: &OnceLock<bool>,
+        uploader: &OnceLock<Option<NodeId>>,
     ) -> Result<(), ControlError> {
         let hello = match proto::expect_msg::<Control>(&mut recv).await? {
             Control::Hello(h) => h,
@@ -446,7 +452,7 @@ impl Inner {
         });
         let mut watchers = tokio::task::JoinSet::new();
         let mut registered: Vec<Arc<SeedTask>> = Vec::new();
-        let _ = uploader.set(hello.upload_addr.is_some());
+        let _ = uploader.set(hello.upload_addr.is_some().then_some(hello.node_id));
         let peer = PeerRef {
             node: hello.node_id,
             addr: hello.upload_addr,
@@ -887,7 +893,7 @@ impl Inner {
         self: Arc<Self>,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-        gated: bool,
+        gated: Option<NodeId>,
     ) {
         let req = match tokio::time::timeout(
             proto::REQUEST_TIMEOUT,
@@ -904,21 +910,35 @@ impl Inner {
                 return;
             }
         };
-        let (header, body) = self.read_piece(req, gated).await;
-        if send.write_all(&header.encode()).await.is_err() {
-            return;
+        let (header, body, passed) = self.read_piece(req, gated).await;
+        let delivered = send_answer(&mut send, &header, body).await;
+        if passed {
+            self.gate_sent(req, delivered);
         }
-        if let Some(body) = body {
-            if send.write_chunk(body).await.is_err() {
-                return;
-            }
-        }
-        let _ = send.finish();
-        // Keep the stream until the peer has read it all, or gave up.
-        let _ = send.stopped().await;
     }
 
-    async fn read_piece(&self, req: PieceRequest, gated: bool) -> (PieceHeader, Option<Bytes>) {
+    /// Tells the task's seed gate how a copy it let through ended.
+    fn gate_sent(&self, req: PieceRequest, delivered: bool) {
+        let task = self
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .get(&req.task)
+            .cloned();
+        if let Some(task) = task {
+            let now = Instant::now();
+            task.with_sched(|s| s.gate.handle_sent(req.index, delivered, now));
+        }
+    }
+
+    /// Reads a piece for a request; `gated` names an uploading requester, whom the seed may
+    /// send to its peers instead. The flag says whether the seed gate let this copy through
+    /// (then [`Self::gate_sent`] must follow).
+    async fn read_piece(
+        &self,
+        req: PieceRequest,
+        gated: Option<NodeId>,
+    ) -> (PieceHeader, Option<Bytes>, bool) {
         let task = self
             .tasks
             .lock()
@@ -926,7 +946,7 @@ impl Inner {
             .get(&req.task)
             .cloned();
         let Some(task) = task else {
-            return (PieceHeader::refuse(PieceStatus::UnknownTask), None);
+            return (PieceHeader::refuse(PieceStatus::UnknownTask), None, false);
         };
         let meta = task.progress.borrow().meta;
         let stored = task
@@ -935,35 +955,47 @@ impl Inner {
             .expect("pieces lock")
             .is_stored(req.index);
         let (Some(meta), true) = (meta, stored) else {
-            return (PieceHeader::refuse(PieceStatus::NotAvailable), None);
+            return (PieceHeader::refuse(PieceStatus::NotAvailable), None, false);
         };
         let Some(file) = task.file.lock().expect("file lock").clone() else {
-            return (PieceHeader::refuse(PieceStatus::NotAvailable), None);
+            return (PieceHeader::refuse(PieceStatus::NotAvailable), None, false);
         };
         let Ok(g) = Geometry::checked(meta.length, meta.piece_size, meta.piece_count) else {
-            return (PieceHeader::refuse(PieceStatus::Internal), None);
+            return (PieceHeader::refuse(PieceStatus::Internal), None, false);
         };
-        if gated {
+        let mut passed = false;
+        if let Some(requester) = gated {
             let now = Instant::now();
-            let serve = task.with_sched(|s| {
+            let decision = task.with_sched(|s| {
                 let holders = s.swarm.availability(req.index);
-                s.gate.handle_request(req.index, holders, now)
+                s.gate.handle_request(requester, req.index, holders, now)
             });
-            if serve == Some(false) {
-                return (PieceHeader::refuse(PieceStatus::Busy), None);
+            if let Some(d) = decision {
+                self.metrics.seed_decisions(d).inc();
+                if !d.serves() {
+                    return (PieceHeader::refuse(PieceStatus::Busy), None, false);
+                }
+                passed = true;
             }
         }
+        let refuse = |status| {
+            if passed {
+                let now = Instant::now();
+                task.with_sched(|s| s.gate.handle_sent(req.index, false, now));
+            }
+            (PieceHeader::refuse(status), None, false)
+        };
         let Ok(_permit) = self.uploads.acquire().await else {
-            return (PieceHeader::refuse(PieceStatus::Busy), None);
+            return refuse(PieceStatus::Busy);
         };
         let (off, len) = (g.offset(req.index), g.piece_len(req.index));
         match tokio::task::spawn_blocking(move || file.read_at(off, len as usize)).await {
             Ok(Ok(bytes)) => {
                 self.metrics.pieces_served().inc();
                 self.metrics.upload_bytes().add(len as u64);
-                (PieceHeader::ok(len), Some(Bytes::from(bytes)))
+                (PieceHeader::ok(len), Some(Bytes::from(bytes)), passed)
             }
-            _ => (PieceHeader::refuse(PieceStatus::Internal), None),
+            _ => refuse(PieceStatus::Internal),
         }
     }
 
@@ -1334,4 +1366,26 @@ impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.peers_connected().dec();
     }
+}
+
+/// Writes a piece stream's answer; whether the peer received all of it (the stream finished and
+/// acknowledged), as opposed to a broken or stopped stream.
+async fn send_answer(
+    send: &mut quinn::SendStream,
+    header: &PieceHeader,
+    body: Option<Bytes>,
+) -> bool {
+    if send.write_all(&header.encode()).await.is_err() {
+        return false;
+    }
+    if let Some(body) = body {
+        if send.write_chunk(body).await.is_err() {
+            return false;
+        }
+    }
+    if send.finish().is_err() {
+        return false;
+    }
+    // Keep the stream until the peer has read it all, or gave up.
+    matches!(send.stopped().await, Ok(None))
 }

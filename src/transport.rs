@@ -397,6 +397,27 @@ pub async fn connect_with(
     connecting.await.map_err(|e| conn_error(addr, e))
 }
 
+/// Notices an accepted connection's peer address changing under it (QUIC migration: a NAT
+/// rebinding, a client changing networks), so the node can count it. quinn raises no event when
+/// it switches paths, so the owner of a connection hands in `remote_address()` whenever it
+/// looks at the connection anyway (each accepted stream): a move shows at the next stream.
+#[derive(Debug, Clone, Copy)]
+pub struct PathWatch {
+    last: SocketAddr,
+}
+
+impl PathWatch {
+    /// Starts from the address the handshake came from.
+    pub fn new(remote: SocketAddr) -> Self {
+        Self { last: remote }
+    }
+
+    /// Takes the connection's current peer address; the previous one if it moved.
+    pub fn handle_remote(&mut self, remote: SocketAddr) -> Option<SocketAddr> {
+        (remote != self.last).then(|| std::mem::replace(&mut self.last, remote))
+    }
+}
+
 /// The ALPN a connection negotiated.
 pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?
@@ -482,6 +503,17 @@ fn classify(addr: SocketAddr, code: TransportErrorCode, reason: String, ours: St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_watch_reports_each_move_once() {
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let mut w = PathWatch::new(a);
+        assert_eq!(w.handle_remote(a), None);
+        assert_eq!(w.handle_remote(b), Some(a));
+        assert_eq!(w.handle_remote(b), None);
+        assert_eq!(w.handle_remote(a), Some(b));
+    }
 
     #[test]
     fn tuning_defaults_are_valid_and_bounds_are_named() {

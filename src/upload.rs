@@ -63,6 +63,8 @@ pub async fn serve_connection<S: PieceStore>(
         conn.close(close::NO_CERTIFICATE, b"client certificate required");
         return;
     }
+    cfg.metrics.mesh_connections_accepted().inc();
+    let mut path = transport::PathWatch::new(remote);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_PER_CONNECTION));
     loop {
         let (send, mut recv) = match conn.accept_bi().await {
@@ -72,6 +74,10 @@ pub async fn serve_connection<S: PieceStore>(
                 return;
             }
         };
+        if let Some(old) = path.handle_remote(conn.remote_address()) {
+            cfg.metrics.mesh_path_changes().inc();
+            debug!(%old, new = %conn.remote_address(), "peer address changed");
+        }
         let (store, cfg, conn2) = (store.clone(), cfg.clone(), conn.clone());
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             // Too many at once from one peer: refuse this one, keep the connection.

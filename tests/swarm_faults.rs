@@ -23,12 +23,27 @@ const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 const MIB: u64 = PIECE;
 /// What a daemon's environment must say before it accepts `--danger-corrupt-uploads`.
 const DANGER_ENV: (&str, &str) = ("D7Q_DANGER_CORRUPT_UPLOADS", "i-know-this-corrupts-data");
+/// Parents a daemon's downloads gave up on because they could not be reached or went away.
+const PARENTS_GONE: &str = "d7q_parents_dropped_total{reason=\"gone\"}";
+/// Parents a daemon's downloads dropped for what they served (corrupt or failed pieces).
+const PARENTS_DROPPED: &str = "d7q_parents_dropped_total{reason=\"failures\"}";
 
 /// A daemon that serves corrupt pieces (`--danger-corrupt-uploads`, with the variable that
 /// allows it).
 async fn corrupt_daemon(env: &Env, pki: &Path, sn: &Supernode) -> Daemon {
     env.daemon_with_env(pki, &[sn], &["--danger-corrupt-uploads"], &[DANGER_ENV])
         .await
+}
+
+/// A daemon that caught a corrupt piece dropped the parent that sent it: corrupt data costs a
+/// parent its place at once.
+async fn assert_dropped_if_met(d: &Daemon) {
+    let caught = d.metric(DIGEST_MISMATCHES).await;
+    let dropped = d.metric(PARENTS_DROPPED).await;
+    assert!(
+        caught == 0.0 || dropped >= 1.0,
+        "a daemon that caught {caught} corrupt pieces dropped no parent ({dropped})"
+    );
 }
 
 /// The loud warnings a corrupting daemon must leave in its log: one at start, and one for its
@@ -162,6 +177,7 @@ async fn a_corrupt_peer_that_finished_first_is_isolated() {
     let mut mismatches = Vec::new();
     for d in &honest {
         mismatches.push(d.metric(DIGEST_MISMATCHES).await);
+        assert_dropped_if_met(d).await;
     }
     let bad_uploaded = bad.metric(UPLOAD_BYTES).await;
     let total: f64 = mismatches.iter().sum();
@@ -237,6 +253,7 @@ async fn a_corrupt_peer_downloading_with_the_swarm_is_isolated() {
     let mut mismatches = Vec::new();
     for d in &honest {
         mismatches.push(d.metric(DIGEST_MISMATCHES).await);
+        assert_dropped_if_met(d).await;
     }
     let bad_uploaded = bad.metric(UPLOAD_BYTES).await;
     assert!(
@@ -332,7 +349,8 @@ async fn a_peer_killed_mid_transfer_does_not_stop_the_others() {
 }
 
 /// A daemon that holds pieces freezes (SIGSTOP) and stays in the swarm as a parent that never
-/// answers; the daemons that start after it route around it and finish correct.
+/// answers; the daemons that start after it are sent to it, give up on it, route around it and
+/// finish correct, with not one byte from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_parent_is_routed_around() {
     const LEN: u64 = 64 * MIB;
@@ -346,9 +364,21 @@ async fn a_stalled_parent_is_routed_around() {
     let stalled = env
         .daemon(&pkis[1], &[&sn], &["--per-download-rate", "4MiB"])
         .await;
+    // The others give up on a silent peer after a 3 s idle timeout (the handshake to the frozen
+    // daemon ends there), and their 8 MiB/s budget keeps each 64 MiB download running at least
+    // 8 s: the attempt on the frozen parent ends while they still download, so they must route
+    // around it rather than simply finish first.
     let mut others = Vec::new();
     for pki in &pkis[2..] {
-        others.push(env.daemon(pki, &[&sn], &[]).await);
+        let flags = [
+            "--idle-timeout",
+            "3s",
+            "--keep-alive",
+            "500ms",
+            "--per-download-rate",
+            "8MiB",
+        ];
+        others.push(env.daemon(pki, &[&sn], &flags).await);
     }
     let url = origin.url("big.bin");
     let out = env.dir("out");
@@ -395,9 +425,28 @@ async fn a_stalled_parent_is_routed_around() {
         stalled_result.code,
         stalled_result.stderr.trim()
     );
+    let mut gone = Vec::new();
     for (i, d) in others.iter().enumerate() {
+        gone.push(d.metric(PARENTS_GONE).await);
         eprintln!("daemon {i} piece failures: {}", failures(d).await);
     }
+    eprintln!("parents given up as gone, per daemon: {gone:?}");
+    // Offered and tried: the supernode handed the frozen daemon (it held pieces the others
+    // lacked) to each of them, and each one's session with it failed — and only that one: it
+    // was the only peer that went silent.
+    for (i, g) in gone.iter().enumerate() {
+        assert_eq!(
+            *g, 1.0,
+            "daemon {i} gave up on {g} parents (all: {gone:?}); exactly one, the frozen daemon, \
+             must have been tried and dropped"
+        );
+    }
+    // Routed around: nobody got a byte from it (its counters, read now that it runs again).
+    assert_eq!(
+        stalled.metric(UPLOAD_BYTES).await,
+        0.0,
+        "the frozen daemon uploaded to its peers"
+    );
     assert_eq!(origin.gets("big.bin"), 1, "origin GETs");
 }
 

@@ -2,6 +2,7 @@
 //! and return decisions. No tokio, quinn or hyper in here — the async shell drives them, and
 //! the scale simulator in `tools/` can drive the very same code.
 
+pub mod download;
 pub mod parents;
 pub mod picker;
 pub mod ratelimit;

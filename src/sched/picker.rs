@@ -11,7 +11,12 @@
 //!   the swarm; ties are broken by an order drawn from the seed, so that peers starting together
 //!   do not all ask for the same piece;
 //! - at the end, when every missing piece is in flight, a source with a free slot may fetch a
-//!   duplicate of a piece in flight elsewhere; when one copy arrives the other is cancelled.
+//!   duplicate of a piece in flight elsewhere; when one copy arrives the other is cancelled;
+//! - a *fallback* source (the seed) is asked only for pieces no other live source has: its
+//!   upload is the swarm's scarcest resource and goes to what the swarm lacks. Without this
+//!   rule a download with free seed slots asks the seed for pieces its parents hold but are
+//!   busy sending, and under load (parents slower, more such pieces) the seed ends up serving
+//!   most of the bytes.
 //!
 //! Sans-IO in the style of quinn-proto: events in through `handle_*`, decisions out through
 //! `poll_*`. Not for: timeouts, scoring or choosing sources (the caller and the supernode's
@@ -229,6 +234,12 @@ impl PiecePicker {
         self.source_mut(src).limit = Some(max);
     }
 
+    /// Makes `src` a fallback: it is asked only for pieces that no other live source has, and
+    /// never for endgame duplicates.
+    pub fn set_source_fallback(&mut self, src: SourceId) {
+        self.source_mut(src).fallback = true;
+    }
+
     /// Where a consumer is reading, in pieces; `None` when nobody streams the content.
     pub fn set_read_position(&mut self, pos: Option<u32>) {
         self.read_pos = pos;
@@ -242,10 +253,14 @@ impl PiecePicker {
         if source.in_flight.len() >= limit {
             return None;
         }
-        let i = self
-            .window_pick(source)
-            .or_else(|| self.rarest_pick(source))
-            .or_else(|| self.endgame_pick(src, source))?;
+        let i = if source.fallback {
+            self.window_pick(source)
+                .or_else(|| self.sole_pick(source))?
+        } else {
+            self.window_pick(source)
+                .or_else(|| self.rarest_pick(source))
+                .or_else(|| self.endgame_pick(src, source))?
+        };
         self.hold(src, i);
         Some(i)
     }
@@ -286,6 +301,7 @@ impl PiecePicker {
             has: Bits::new(count),
             in_flight: Vec::new(),
             limit: None,
+            fallback: false,
         })
     }
 
@@ -316,8 +332,18 @@ impl PiecePicker {
         let end = pos
             .saturating_add(self.cfg.streaming_window)
             .min(self.count);
-        self.open
-            .find_in(pos, end, |i| source.has.test(self.rank[i as usize]))
+        self.open.find_in(pos, end, |i| {
+            source.has.test(self.rank[i as usize])
+                && (!source.fallback || self.avail[i as usize] == 1)
+        })
+    }
+
+    /// The first open piece in the seeded order that `source` alone has.
+    fn sole_pick(&self, source: &Source) -> Option<u32> {
+        self.levels
+            .get(1)
+            .and_then(|level| level.first_common(&source.has))
+            .map(|r| self.piece_at[r as usize])
     }
 
     /// The rarest open piece `source` has, first in the seeded order among equals.
@@ -442,6 +468,8 @@ struct Source {
     in_flight: Vec<u32>,
     /// Its own limit of requests outstanding, if set.
     limit: Option<usize>,
+    /// Asked only for pieces no other live source has.
+    fallback: bool,
 }
 
 /// A plain bitset over piece indices or ranks.
@@ -679,6 +707,34 @@ mod tests {
         q.set_read_position(Some(2));
         assert_eq!(q.poll_request(A), Some(2));
         assert_eq!(q.poll_request(A), Some(3));
+    }
+
+    #[test]
+    fn a_fallback_source_is_asked_only_for_what_no_other_source_has() {
+        let seed = SourceId(0);
+        let mut p = picker(8, cfg(usize::MAX));
+        p.set_source_fallback(seed);
+        p.handle_source_bitmap(seed, &Bitmap::full(8));
+        p.handle_source_bitmap(A, &bitmap(8, 0..6));
+        // A holds 0..6 and has free slots or not: the seed is asked only for 6 and 7.
+        assert_eq!(sorted(drain(&mut p, seed)), vec![6, 7]);
+        // Even with A's requests all out, the seed is not asked for A's pieces, nor for
+        // endgame duplicates.
+        assert_eq!(sorted(drain(&mut p, A)), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(p.poll_request(seed), None);
+        // A fails a piece and leaves: what only the seed has now is the seed's again.
+        p.handle_failed(A, 2);
+        assert_eq!(p.poll_request(seed), None, "A still has piece 2");
+        p.handle_source_gone(A);
+        assert_eq!(sorted(drain(&mut p, seed)), vec![0, 1, 2, 3, 4, 5]);
+        // A streaming reader does not change the rule.
+        let mut q = picker(8, cfg(usize::MAX));
+        q.set_source_fallback(seed);
+        q.handle_source_bitmap(seed, &Bitmap::full(8));
+        q.handle_source_bitmap(B, &bitmap(8, [3]));
+        q.set_read_position(Some(3));
+        assert_eq!(q.poll_request(seed), Some(4));
+        assert_eq!(q.poll_request(B), Some(3));
     }
 
     #[test]

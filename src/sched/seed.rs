@@ -6,24 +6,64 @@
 //!
 //! Sans-IO: requests and `now` in, serve-or-refuse out.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use d7q_wire::NodeId;
 
 /// Copies of a piece the seed serves before it refuses requests that peers could answer. One:
 /// measured with eight daemons on loopback, two copies left 58% of the bytes to the peers and
 /// one left about 80%.
 pub const FIRST_COPIES: u32 = 1;
-/// After this long without any peer announcing a piece, the seed serves it again (its first
-/// carriers may have failed or left).
+/// After this long without any peer announcing a piece the seed delivered, the seed serves it
+/// again (its first carriers may have failed or left). Counted from the end of the last
+/// delivery, not from the decision to serve: on a loaded seed a copy can wait in the upload
+/// queue for seconds, and a clock started at the decision sent duplicates of pieces still on
+/// their way to their first carrier.
 pub const PATIENCE: Duration = Duration::from_secs(2);
-/// After this long the seed serves a piece to anyone who still asks: a requester whose parents
-/// do not include the holders must not starve.
+/// A requester refused a piece for this long is served it: its parents do not include the
+/// holders, or they cannot deliver. Measured per requester from its first refusal, not from
+/// the piece's first copy: a clock per piece let everyone through once the piece was a few
+/// seconds old, so on a loaded machine (slower swarm, older pieces) the seed ended up serving
+/// most of the bytes.
 pub const STARVATION: Duration = Duration::from_secs(5);
+/// Refused (requester, piece) pairs remembered at most. Past it, stale pairs are forgotten and,
+/// if that is not enough, requests are served: liveness over efficiency.
+pub const MAX_WAITING: usize = 1 << 16;
 
-/// Per-task record of what the seed served.
+/// What the gate decided about one request, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve: one of the piece's first copies.
+    First,
+    /// Serve: delivered before, but no peer announced it within [`PATIENCE`].
+    Patience,
+    /// Serve: this requester has been refused it for [`STARVATION`].
+    Starvation,
+    /// Serve: too many requesters are waiting to remember this one.
+    Overflow,
+    /// Refuse ("busy"): peers hold it, or its copy is still on its way.
+    Busy,
+}
+
+impl Decision {
+    /// Whether the piece is to be sent.
+    pub fn serves(self) -> bool {
+        self != Decision::Busy
+    }
+}
+
+/// Per-task record of what the seed served and whom it kept waiting.
 #[derive(Debug)]
 pub struct SeedGate {
+    /// Copies of each piece served (decided and not aborted).
     served: Vec<u32>,
-    first: Vec<Option<Instant>>,
+    /// Copies of each piece decided but not yet delivered.
+    sending: Vec<u16>,
+    /// When the last copy of each piece finished going out.
+    delivered: Vec<Option<Instant>>,
+    /// When each requester was first refused each piece it still asks for.
+    waiting: HashMap<(NodeId, u32), Instant>,
 }
 
 impl SeedGate {
@@ -31,24 +71,77 @@ impl SeedGate {
     pub fn new(piece_count: u32) -> Self {
         Self {
             served: vec![0; piece_count as usize],
-            first: vec![None; piece_count as usize],
+            sending: vec![0; piece_count as usize],
+            delivered: vec![None; piece_count as usize],
+            waiting: HashMap::new(),
         }
     }
 
-    /// A peer asks the seed for piece `i`, which `holders` uploading peers already announced.
-    /// Returns whether to serve it (and counts it if so).
-    pub fn handle_request(&mut self, i: u32, holders: u32, now: Instant) -> bool {
-        let Some(served) = self.served.get_mut(i as usize) else {
-            return true;
-        };
-        let first = self.first[i as usize].get_or_insert(now);
-        let age = now.saturating_duration_since(*first);
-        let serve =
-            *served < FIRST_COPIES || (holders == 0 && age >= PATIENCE) || age >= STARVATION;
-        if serve {
-            *served += 1;
+    /// `requester` asks the seed for piece `i`, which `holders` uploading peers already
+    /// announced. Whatever serves must be followed by [`Self::handle_sent`] once the copy went
+    /// out or was abandoned.
+    pub fn handle_request(
+        &mut self,
+        requester: NodeId,
+        i: u32,
+        holders: u32,
+        now: Instant,
+    ) -> Decision {
+        let idx = i as usize;
+        if idx >= self.served.len() {
+            return Decision::First;
         }
-        serve
+        let key = (requester, i);
+        let waited = self
+            .waiting
+            .get(&key)
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
+        let quiet = holders == 0
+            && self.sending[idx] == 0
+            && self.delivered[idx].is_none_or(|t| now.saturating_duration_since(t) >= PATIENCE);
+        let mut decision = if self.served[idx] < FIRST_COPIES {
+            Decision::First
+        } else if quiet {
+            Decision::Patience
+        } else if waited >= STARVATION {
+            Decision::Starvation
+        } else {
+            Decision::Busy
+        };
+        if decision == Decision::Busy && !self.waiting.contains_key(&key) {
+            if self.waiting.len() >= MAX_WAITING {
+                // Pairs this old were answered elsewhere: their requesters stopped asking.
+                self.waiting
+                    .retain(|_, t| now.saturating_duration_since(*t) < 2 * STARVATION);
+            }
+            if self.waiting.len() >= MAX_WAITING {
+                decision = Decision::Overflow;
+            } else {
+                self.waiting.insert(key, now);
+            }
+        }
+        if decision.serves() {
+            self.served[idx] += 1;
+            self.sending[idx] = self.sending[idx].saturating_add(1);
+            self.waiting.remove(&key);
+        }
+        decision
+    }
+
+    /// A copy of piece `i` that [`Self::handle_request`] let through went out whole
+    /// (`delivered`), or was abandoned before that (the requester went away, the read failed):
+    /// an abandoned copy does not count as served.
+    pub fn handle_sent(&mut self, i: u32, delivered: bool, now: Instant) {
+        let idx = i as usize;
+        if idx >= self.served.len() {
+            return;
+        }
+        self.sending[idx] = self.sending[idx].saturating_sub(1);
+        if delivered {
+            self.delivered[idx] = Some(now);
+        } else {
+            self.served[idx] = self.served[idx].saturating_sub(1);
+        }
     }
 
     /// Copies of piece `i` served so far.
@@ -61,25 +154,116 @@ impl SeedGate {
 mod tests {
     use super::*;
 
+    const P: NodeId = NodeId([1; 16]);
+    const Q: NodeId = NodeId([2; 16]);
+    const MS: Duration = Duration::from_millis(1);
+
     #[test]
     fn first_copies_then_busy_while_peers_hold_it() {
         let t0 = Instant::now();
         let mut g = SeedGate::new(4);
         for _ in 0..FIRST_COPIES {
-            assert!(g.handle_request(1, 0, t0));
+            assert_eq!(g.handle_request(P, 1, 0, t0), Decision::First);
+            g.handle_sent(1, true, t0 + 50 * MS);
         }
         // Nobody announced it yet, but it went out moments ago: wait for the carriers.
-        assert!(!g.handle_request(1, 0, t0 + Duration::from_millis(100)));
+        assert_eq!(g.handle_request(Q, 1, 0, t0 + 100 * MS), Decision::Busy);
         // Peers hold it: busy.
-        assert!(!g.handle_request(1, 3, t0 + Duration::from_millis(500)));
+        assert_eq!(g.handle_request(Q, 1, 3, t0 + 500 * MS), Decision::Busy);
         // The carriers never announced it: serve again after the patience.
-        assert!(g.handle_request(1, 0, t0 + PATIENCE));
-        // Holders exist, but a requester that still asks after the starvation limit is served.
-        assert!(!g.handle_request(1, 5, t0 + PATIENCE));
-        assert!(g.handle_request(1, 5, t0 + STARVATION));
-        assert_eq!(g.served(1), FIRST_COPIES + 2);
+        assert_eq!(
+            g.handle_request(Q, 1, 0, t0 + 50 * MS + PATIENCE),
+            Decision::Patience
+        );
+        assert_eq!(g.served(1), FIRST_COPIES + 1);
         // Other pieces are independent; out of range is served (the caller checks ranges).
-        assert!(g.handle_request(2, 7, t0));
-        assert!(g.handle_request(99, 0, t0));
+        assert_eq!(g.handle_request(Q, 2, 7, t0), Decision::First);
+        assert!(g.handle_request(Q, 99, 0, t0).serves());
+    }
+
+    #[test]
+    fn patience_counts_from_the_delivery_not_the_decision() {
+        let t0 = Instant::now();
+        let mut g = SeedGate::new(2);
+        assert_eq!(g.handle_request(P, 0, 0, t0), Decision::First);
+        // The copy sits in a long upload queue: nobody can hold it yet, and nobody gets a
+        // second copy however long it takes.
+        assert_eq!(g.handle_request(Q, 0, 0, t0 + 3 * PATIENCE), Decision::Busy);
+        g.handle_sent(0, true, t0 + 4 * PATIENCE);
+        assert_eq!(
+            g.handle_request(Q, 0, 0, t0 + 4 * PATIENCE + PATIENCE / 2),
+            Decision::Busy
+        );
+        assert_eq!(
+            g.handle_request(Q, 0, 0, t0 + 5 * PATIENCE),
+            Decision::Patience
+        );
+    }
+
+    #[test]
+    fn an_abandoned_copy_is_not_served() {
+        let t0 = Instant::now();
+        let mut g = SeedGate::new(2);
+        assert_eq!(g.handle_request(P, 0, 0, t0), Decision::First);
+        assert_eq!(g.handle_request(Q, 0, 0, t0 + MS), Decision::Busy);
+        // P went away before the copy left: the next asker gets the first copy at once.
+        g.handle_sent(0, false, t0 + 2 * MS);
+        assert_eq!(g.served(0), 0);
+        assert_eq!(g.handle_request(Q, 0, 0, t0 + 3 * MS), Decision::First);
+    }
+
+    #[test]
+    fn starvation_counts_from_each_requesters_first_refusal() {
+        let t0 = Instant::now();
+        let mut g = SeedGate::new(4);
+        assert_eq!(g.handle_request(P, 0, 0, t0), Decision::First);
+        g.handle_sent(0, true, t0);
+        // Long after the first copy, holders exist: a newcomer is still refused...
+        let late = t0 + 10 * STARVATION;
+        assert_eq!(g.handle_request(Q, 0, 5, late), Decision::Busy);
+        assert_eq!(
+            g.handle_request(Q, 0, 5, late + STARVATION / 2),
+            Decision::Busy
+        );
+        // ...until it has itself been kept waiting for the starvation limit.
+        assert_eq!(
+            g.handle_request(Q, 0, 5, late + STARVATION),
+            Decision::Starvation
+        );
+        g.handle_sent(0, true, late + STARVATION);
+        assert_eq!(g.served(0), 2);
+        // Served once, it waits again from scratch if it asks again.
+        assert_eq!(g.handle_request(Q, 0, 5, late + STARVATION), Decision::Busy);
+    }
+
+    #[test]
+    fn the_waiting_list_is_bounded() {
+        let t0 = Instant::now();
+        let pieces = 4u32;
+        let mut g = SeedGate::new(pieces);
+        for i in 0..pieces {
+            assert_eq!(g.handle_request(P, i, 0, t0), Decision::First);
+            g.handle_sent(i, true, t0);
+        }
+        let mut refused = 0usize;
+        let mut n = 0u64;
+        while refused < MAX_WAITING {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&n.to_le_bytes());
+            n += 1;
+            if !g.handle_request(NodeId(id), (n % 4) as u32, 3, t0).serves() {
+                refused += 1;
+            }
+        }
+        assert_eq!(g.waiting.len(), MAX_WAITING);
+        // Full of fresh pairs: a new requester is served rather than remembered.
+        assert_eq!(g.handle_request(Q, 1, 3, t0), Decision::Overflow);
+        assert_eq!(g.waiting.len(), MAX_WAITING);
+        // Once those pairs are stale they are forgotten to make room.
+        assert_eq!(
+            g.handle_request(Q, 2, 3, t0 + 3 * STARVATION),
+            Decision::Busy
+        );
+        assert_eq!(g.waiting.len(), 1);
     }
 }
