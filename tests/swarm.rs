@@ -54,13 +54,22 @@ async fn eight_daemons_share_one_origin_download_and_feed_each_other() {
         uploaded += m["d7q_upload_bytes_total"];
     }
     let total = from_peers + from_supernode;
+    // Why the supernode sent what it sent (its super-seeding answers), for a run that fails.
+    let seed = common::scrape(sn.metrics.expect("supernode metrics")).await;
+    let decisions: Vec<String> = seed
+        .iter()
+        .filter(|(k, _)| k.starts_with("d7q_seed_decisions_total"))
+        .map(|(k, v)| format!("{}={v}", &k[k.find('"').map_or(0, |i| i + 1)..k.len() - 2]))
+        .collect();
     assert!(
         total >= (DAEMONS as u64 * LEN) as f64,
         "received {total} bytes in all"
     );
     assert!(
         from_peers >= total / 2.0,
-        "only {from_peers} of {total} bytes came from other daemons ({from_supernode} from the supernode)"
+        "only {from_peers} of {total} bytes came from other daemons ({from_supernode} from the \
+         supernode; its decisions: {})",
+        decisions.join(" ")
     );
     // What the daemons received from each other, they uploaded to each other (uploads also
     // count endgame duplicates the receiver cancelled in flight).
@@ -69,8 +78,9 @@ async fn eight_daemons_share_one_origin_download_and_feed_each_other() {
         "uploaded {uploaded} < received from peers {from_peers}"
     );
     eprintln!(
-        "swarm: {:.1}% of {total} bytes from peers, {:.1}% from the supernode",
+        "swarm: {:.1}% of {total} bytes from peers, {:.1}% from the supernode; seed decisions: {}",
         100.0 * from_peers / total,
-        100.0 * from_supernode / total
+        100.0 * from_supernode / total,
+        decisions.join(" ")
     );
 }
