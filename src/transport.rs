@@ -158,10 +158,10 @@ impl std::fmt::Display for Congestion {
 }
 
 /// Default congestion controller, chosen from measurements through the relay: 100 ms RTT,
-/// 100 Mbit/s, 4 MiB per transfer, BBR and CUBIC interleaved, median of 3
-/// (`D7Q_MEASURE_CC=1 cargo test --release --test wan every_congestion -- --nocapture`).
-/// BBR 3.16 / 3.27 / 2.39 MB/s at 1 / 5 / 10 % loss, CUBIC 0.22 / 0.08 / 0.05 MB/s: CUBIC
-/// reads random loss as congestion and collapses; BBR does not.
+/// 100 Mbit/s, 4 MiB per transfer, controllers interleaved, median of 3
+/// (`d7q-bench cc --reps 3 --max-secs 20`). BBR 3.42 / 3.19 / 3.08 MB/s at 1 / 5 / 10 % loss,
+/// CUBIC 0.22 / 0.077 / 0.048 MB/s: CUBIC reads random loss as congestion and collapses; BBR
+/// does not.
 pub const DEFAULT_CONGESTION: Congestion = Congestion::Bbr;
 
 /// How the mesh's QUIC behaves on a path: configurable per node (`[transport]` in the config
