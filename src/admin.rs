@@ -1,8 +1,10 @@
 //! The admin API: HTTP/3 on the mesh port (ALPN `h3`), read-only: `/health` and `/status`
 //! (the node and its tasks with their progress, as JSON). `d7q status` is its client.
 //!
-//! Clients need no certificate (the information is operational, URLs are shown without their
-//! query strings); the mesh itself always requires one.
+//! Clients need no certificate for `/health` and the node part of `/status`. The task list
+//! (URLs, repositories in them, digests, task ids derived from digests) goes only to a client
+//! that presented a certificate of the cluster CA; anyone else gets the node and a count, with
+//! `"redacted": true`. The mesh itself always requires a certificate.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,6 +67,19 @@ pub struct Status {
     pub tasks: Vec<TaskStatus>,
 }
 
+/// What a client without a cluster certificate is told: the node and how many tasks it holds,
+/// nothing that names content.
+#[derive(Serialize)]
+struct RedactedStatus<'a> {
+    node: &'a NodeStatus,
+    tasks: [TaskStatus; 0],
+    tasks_hidden: usize,
+    redacted: bool,
+}
+
+/// The key of a status document that says its task list was withheld.
+pub const REDACTED_KEY: &str = "redacted";
+
 /// Something that can describe itself.
 pub trait StatusSource: Send + Sync + 'static {
     /// The current status.
@@ -73,6 +88,9 @@ pub trait StatusSource: Send + Sync + 'static {
 
 /// Serves admin requests on an accepted `h3` connection.
 pub async fn serve<S: StatusSource>(conn: quinn::Connection, source: Arc<S>) {
+    // The TLS layer verified any certificate presented against the cluster CA; admin clients
+    // may present none.
+    let member = transport::has_peer_certificate(&conn);
     let mut h3 =
         match h3::server::Connection::<_, Bytes>::new(h3_quinn::Connection::new(conn)).await {
             Ok(c) => c,
@@ -91,7 +109,7 @@ pub async fn serve<S: StatusSource>(conn: quinn::Connection, source: Arc<S>) {
             let Ok((req, mut stream)) = resolver.resolve_request().await else {
                 return;
             };
-            let (status, body) = route(&req, &*source);
+            let (status, body) = route(&req, &*source, member);
             let resp = Response::builder()
                 .status(status)
                 .header("content-type", "application/json")
@@ -106,7 +124,8 @@ pub async fn serve<S: StatusSource>(conn: quinn::Connection, source: Arc<S>) {
     }
 }
 
-fn route<S: StatusSource>(req: &Request<()>, source: &S) -> (StatusCode, Vec<u8>) {
+/// Answers one request; `member` says whether the client holds a cluster certificate.
+fn route<S: StatusSource>(req: &Request<()>, source: &S, member: bool) -> (StatusCode, Vec<u8>) {
     if req.method() != http::Method::GET {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -115,10 +134,20 @@ fn route<S: StatusSource>(req: &Request<()>, source: &S) -> (StatusCode, Vec<u8>
     }
     match req.uri().path() {
         "/health" => (StatusCode::OK, b"{\"status\":\"ok\"}".to_vec()),
-        "/status" | "/tasks" => (
-            StatusCode::OK,
-            serde_json::to_vec(&source.status()).expect("status serializes"),
-        ),
+        "/status" | "/tasks" => {
+            let status = source.status();
+            let body = if member {
+                serde_json::to_vec(&status)
+            } else {
+                serde_json::to_vec(&RedactedStatus {
+                    node: &status.node,
+                    tasks: [],
+                    tasks_hidden: status.tasks.len(),
+                    redacted: true,
+                })
+            };
+            (StatusCode::OK, body.expect("status serializes"))
+        }
         _ => (StatusCode::NOT_FOUND, b"{\"error\":\"not found\"}".to_vec()),
     }
 }
@@ -237,5 +266,67 @@ impl rustls::client::danger::ServerCertVerifier for DangerAcceptAnyServer {
         pki::provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+
+    impl StatusSource for Fixed {
+        fn status(&self) -> Status {
+            Status {
+                node: NodeStatus {
+                    role: "supernode".into(),
+                    node_id: "00ff".into(),
+                    labels: Labels::default(),
+                    uptime_secs: 1,
+                },
+                tasks: vec![TaskStatus {
+                    id: "1234567890abcdef1234567890abcdef".into(),
+                    url: "https://registry.example/v2/team/secret/blobs/sha256:".into(),
+                    length: Some(10),
+                    piece_count: Some(1),
+                    pieces_done: 1,
+                    state: "complete".into(),
+                    sha256: Some("feedface".repeat(8)),
+                }],
+            }
+        }
+    }
+
+    fn get(path: &str, member: bool) -> String {
+        let req = Request::get(path).body(()).unwrap();
+        let (status, body) = route(&req, &Fixed, member);
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8(body).unwrap()
+    }
+
+    #[test]
+    fn a_client_without_a_cluster_certificate_sees_no_task() {
+        for path in ["/status", "/tasks"] {
+            let body = get(path, false);
+            for secret in [
+                "registry.example",
+                "team/secret",
+                "feedface",
+                "1234567890ab",
+            ] {
+                assert!(!body.contains(secret), "{path} shows {secret}: {body}");
+            }
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json[REDACTED_KEY], true, "{body}");
+            assert_eq!(json["tasks_hidden"], 1, "{body}");
+            assert_eq!(json["node"]["role"], "supernode", "{body}");
+            // Still a status document to an older client.
+            let st: Status = serde_json::from_str(&body).unwrap();
+            assert!(st.tasks.is_empty());
+
+            let full: Status = serde_json::from_str(&get(path, true)).unwrap();
+            assert_eq!(full.tasks.len(), 1);
+            assert!(full.tasks[0].url.contains("team/secret"));
+        }
     }
 }

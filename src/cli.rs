@@ -856,11 +856,16 @@ async fn status(a: StatusArgs) -> i32 {
         st.node.uptime_secs,
         st.tasks.len()
     );
+    let redacted = serde_json::from_slice::<serde_json::Value>(&body)
+        .is_ok_and(|v| v[admin::REDACTED_KEY] == true);
+    if redacted {
+        println!("  tasks hidden: present a certificate of the cluster CA (--pki) to list them");
+    }
     for t in st.tasks {
         let len = t.length.map(human_bytes).unwrap_or_else(|| "?".into());
         println!(
             "  {} {:<9} {:>4}/{:<4} {:>10}  {}",
-            &t.id[..12],
+            t.id.get(..12).unwrap_or(&t.id),
             t.state,
             t.pieces_done,
             t.piece_count.unwrap_or(0),

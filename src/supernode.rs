@@ -51,8 +51,17 @@ pub const INGEST_QUEUE_PIECES: usize = 4;
 pub const MAX_CONCURRENT_INGESTS: usize = 32;
 /// Piece reads served at once, across all connections.
 pub const MAX_CONCURRENT_UPLOADS: usize = 64;
-/// Connections handled at once.
+/// Mesh (`d7q/1`) connections handled at once.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Admin API (`h3`) connections handled at once. Their own budget, apart from the mesh's: an
+/// admin client needs no certificate, so anyone who reaches the port can hold these, and holding
+/// all of them must never keep a mesh peer out. A few operators and scrapers need no more.
+pub const MAX_ADMIN_CONNECTIONS: usize = 32;
+/// Handshakes in progress at once, before the ALPN says which budget a connection takes.
+pub const MAX_HANDSHAKES: usize = MAX_CONNECTIONS;
+/// Close code of a connection over its budget (an application code, as in
+/// [`transport::close`]).
+const CLOSE_BUSY: quinn::VarInt = quinn::VarInt::from_u32(5);
 /// Tasks one control stream may register or announce (a daemon uses one stream per task).
 pub const MAX_TASKS_PER_STREAM: usize = 64;
 /// How often a peer's parents are reconsidered.
@@ -99,7 +108,10 @@ struct Inner {
     ingests: Semaphore,
     origin_limiter: RateLimiter,
     metrics: Arc<Metrics>,
-    connections: Arc<Semaphore>,
+    /// Slots for handshakes, then per kind of connection (see [`MAX_ADMIN_CONNECTIONS`]).
+    handshakes: Arc<Semaphore>,
+    mesh_connections: Arc<Semaphore>,
+    admin_connections: Arc<Semaphore>,
     started: Instant,
 }
 
@@ -190,6 +202,21 @@ impl Pieces {
         self.digests.get(i as usize).copied().flatten()
     }
 
+    /// Records digests of pieces `first..` sent by an upstream, if they all name pieces of a
+    /// task of `piece_count` pieces; false, recording nothing, when any does not. The message
+    /// passed the wire limits, but only the task's geometry says which indices exist, and a
+    /// table is never grown past it (the download machine, handed the same digests next,
+    /// refuses them and fails the download).
+    fn record_digests(&mut self, first: u32, digests: &[Sha256], piece_count: u32) -> bool {
+        if u64::from(first) + digests.len() as u64 > u64::from(piece_count) {
+            return false;
+        }
+        for (i, d) in (first..).zip(digests) {
+            self.set_digest(i, *d);
+        }
+        true
+    }
+
     fn set_digest(&mut self, i: u32, d: Sha256) {
         let i = i as usize;
         if self.digests.len() <= i {
@@ -272,7 +299,9 @@ impl Supernode {
             ingests: Semaphore::new(MAX_CONCURRENT_INGESTS),
             origin_limiter: RateLimiter::new(cfg.origin_rate),
             metrics: cfg.metrics.clone(),
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            mesh_connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            admin_connections: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
             started: Instant::now(),
         });
         let loaded = inner.load_completed();
@@ -301,24 +330,38 @@ impl Supernode {
     /// Accepts connections until the endpoint closes.
     pub async fn run(self) {
         while let Some(incoming) = self.endpoint.accept().await {
-            let Ok(permit) = self.inner.connections.clone().try_acquire_owned() else {
+            let Ok(handshake) = self.inner.handshakes.clone().try_acquire_owned() else {
                 incoming.refuse();
                 continue;
             };
             let inner = self.inner.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => {
-                        inner
-                            .handle_connection(conn)
-                            .instrument(info_span!("conn", %remote))
-                            .await
-                    }
+                let conn = match incoming.await {
+                    Ok(conn) => conn,
                     Err(e) => {
-                        warn!(%remote, error = %transport::conn_error(remote, e), "handshake refused")
+                        warn!(%remote, error = %transport::conn_error(remote, e), "handshake refused");
+                        return;
                     }
-                }
+                };
+                drop(handshake);
+                // Only the negotiated ALPN says which budget the connection takes.
+                let admin = transport::alpn(&conn).as_deref() == Some(d7q_wire::ADMIN_ALPN);
+                let slots = if admin {
+                    &inner.admin_connections
+                } else {
+                    &inner.mesh_connections
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    // Not a warning: whoever fills the admin budget could flood the log too.
+                    debug!(%remote, admin, "refused: too many connections");
+                    conn.close(CLOSE_BUSY, b"too many connections");
+                    return;
+                };
+                inner
+                    .handle_connection(conn)
+                    .instrument(info_span!("conn", %remote))
+                    .await;
                 drop(permit);
             });
         }
@@ -1282,9 +1325,21 @@ impl PieceSink for ChainSink {
     }
 
     fn record_digests(&self, first: u32, digests: &[Sha256]) {
-        let mut p = self.task.pieces.lock().expect("pieces lock");
-        for (k, d) in digests.iter().enumerate() {
-            p.set_digest(first + k as u32, *d);
+        let pieces = self.geometry.piece_count;
+        let fits = self
+            .task
+            .pieces
+            .lock()
+            .expect("pieces lock")
+            .record_digests(first, digests, pieces);
+        if !fits {
+            warn!(
+                task = %self.task.id,
+                first,
+                count = digests.len(),
+                pieces,
+                "upstream sent digests past the last piece; ignored"
+            );
         }
     }
 }
@@ -1388,4 +1443,22 @@ async fn send_answer(
     }
     // Keep the stream until the peer has read it all, or gave up.
     matches!(send.stopped().await, Ok(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_digests_past_the_last_piece_are_refused_without_allocating() {
+        let mut p = Pieces::default();
+        assert!(
+            !p.record_digests(u32::MAX, &[[1; 32]; 2], 4),
+            "overflowing first"
+        );
+        assert!(!p.record_digests(3, &[[1; 32]; 2], 4), "one past the end");
+        assert!(p.digests.is_empty(), "nothing recorded or allocated");
+        assert!(p.record_digests(2, &[[1; 32]; 2], 4));
+        assert_eq!((p.digest(3), p.digests.len()), (Some([1; 32]), 4));
+    }
 }

@@ -44,9 +44,12 @@ fn assert_copy(path: &Path, expected: &str) {
     );
 }
 
-/// `d7q status --json ADDR`, parsed.
-async fn status(env: &Env, addr: std::net::SocketAddr) -> serde_json::Value {
-    let out = env.run(&["status", "--json", &addr.to_string()]).await;
+/// `d7q status --json --pki PKI ADDR`, parsed (the task list needs a cluster certificate).
+async fn status(env: &Env, addr: std::net::SocketAddr, pki: &Path) -> serde_json::Value {
+    let pki = pki.to_str().expect("utf-8 path");
+    let out = env
+        .run(&["status", "--json", "--pki", pki, &addr.to_string()])
+        .await;
     out.ok();
     serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("status is not JSON ({e}):\n{}", out.stdout))
@@ -83,7 +86,7 @@ async fn a_restarted_daemon_serves_a_completed_task_from_its_store() {
     );
     assert_eq!(origin.gets("layer.bin"), 1, "origin GETs");
 
-    let st = status(&env, a.mesh).await;
+    let st = status(&env, a.mesh, &pkis[1]).await;
     assert_eq!(st["node"]["role"], "daemon", "{st}");
     let tasks = st["tasks"].as_array().expect("tasks array");
     let task = tasks

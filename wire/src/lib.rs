@@ -48,7 +48,8 @@ pub const MAJOR_VERSION: u16 = 1;
 pub const MINOR_VERSION: u16 = 0;
 /// The largest frame payload either side accepts, checked before allocation.
 pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
-/// The largest number of pieces one task may have (bounds bitmaps and digest lists).
+/// The largest number of pieces one task may have. Bounds bitmaps, digest lists and every piece
+/// index on the wire (`PieceDigests.first + count`, `Have`, `PieceRequest`), in `decode_checked`.
 pub const MAX_PIECE_COUNT: u32 = 1 << 16;
 /// The largest piece size, so a piece buffer is bounded whatever a peer says.
 pub const MAX_PIECE_SIZE: u32 = 64 << 20;

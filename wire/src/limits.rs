@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::msg::*;
 use crate::{
     codec, DecodeError, MAX_DIGESTS_PER_MESSAGE, MAX_HEADERS, MAX_LABEL_LEN, MAX_PARENTS,
-    MAX_PIECE_COUNT, MAX_STRING_LEN,
+    MAX_PIECE_COUNT, MAX_PIECE_SIZE, MAX_STRING_LEN,
 };
 
 /// A decoded message that broke a limit.
@@ -46,6 +46,12 @@ fn at_most(what: &'static str, got: usize, limit: usize) -> Result<(), LimitErro
     Ok(())
 }
 
+/// A piece index must name one of at most [`MAX_PIECE_COUNT`] pieces, whatever the task: a
+/// receiver may then index or size a table by it without an overflow or a huge allocation.
+fn piece_index(what: &'static str, index: u32) -> Result<(), LimitError> {
+    at_most(what, index as usize, MAX_PIECE_COUNT as usize - 1)
+}
+
 fn labels(l: &Labels) -> Result<(), LimitError> {
     at_most("dc label", l.dc.len(), MAX_LABEL_LEN)?;
     at_most("zone label", l.zone.len(), MAX_LABEL_LEN)?;
@@ -65,15 +71,35 @@ impl Bounded for Control {
                 }
                 Ok(())
             }
-            Control::TaskMeta(_) | Control::TaskComplete(_) | Control::BadPeer(_) => Ok(()),
+            Control::TaskMeta(m) => {
+                at_most(
+                    "piece count",
+                    m.piece_count as usize,
+                    MAX_PIECE_COUNT as usize,
+                )?;
+                at_most("piece size", m.piece_size as usize, MAX_PIECE_SIZE as usize)
+            }
+            Control::TaskComplete(_) | Control::BadPeer(_) => Ok(()),
             Control::PieceDigests(d) => {
-                at_most("piece digests", d.digests.len(), MAX_DIGESTS_PER_MESSAGE)
+                at_most("piece digests", d.digests.len(), MAX_DIGESTS_PER_MESSAGE)?;
+                // In u64: `first + len` of a hostile message overflows a u32.
+                let end = u64::from(d.first) + d.digests.len() as u64;
+                at_most(
+                    "piece digests end (first + count)",
+                    usize::try_from(end).unwrap_or(usize::MAX),
+                    MAX_PIECE_COUNT as usize,
+                )
             }
             Control::Parents(p) => {
                 at_most("parents", p.parents.len(), MAX_PARENTS)?;
                 p.parents.iter().try_for_each(|p| labels(&p.labels))
             }
-            Control::Have(h) => at_most("have list", h.pieces.len(), MAX_PIECE_COUNT as usize),
+            Control::Have(h) => {
+                at_most("have list", h.pieces.len(), MAX_PIECE_COUNT as usize)?;
+                h.pieces
+                    .iter()
+                    .try_for_each(|&i| piece_index("have index", i))
+            }
             Control::Bitmap(_) | Control::Announce(_) => Ok(()), // checked while decoding
             Control::Error(e) => at_most("error message", e.message.len(), MAX_STRING_LEN),
             Control::Goodbye(g) => at_most("goodbye reason", g.reason.len(), MAX_STRING_LEN),
@@ -83,11 +109,7 @@ impl Bounded for Control {
 
 impl Bounded for PieceRequest {
     fn check_limits(&self) -> Result<(), LimitError> {
-        at_most(
-            "piece index",
-            self.index as usize,
-            MAX_PIECE_COUNT as usize - 1,
-        )
+        piece_index("piece index", self.index)
     }
 }
 

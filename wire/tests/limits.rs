@@ -254,3 +254,80 @@ fn largest_piece_header_is_accepted_and_one_more_is_not() {
         Err(PieceHeaderError::TooLarge(MAX_PIECE_SIZE + 1))
     );
 }
+
+// Piece indices and counts: every one a receiver may index a table by is bounded by
+// MAX_PIECE_COUNT in decode_checked, so no message can make it overflow or allocate.
+
+fn checked(msg: &Control) -> Result<Control, DecodeError> {
+    let mut bytes = Vec::new();
+    encode(msg, &mut bytes).unwrap();
+    decode_checked::<Control>(&bytes)
+}
+
+#[track_caller]
+fn refused(msg: &Control, field: &str) {
+    match checked(msg) {
+        Err(DecodeError::Malformed(e)) => assert!(e.contains(field), "{field}: {e}"),
+        other => panic!("{field}: accepted or wrong error: {other:?}"),
+    }
+}
+
+fn digests(first: u32, count: usize) -> Control {
+    Control::PieceDigests(PieceDigests {
+        task: TASK,
+        first,
+        digests: vec![[0xab; 32]; count],
+    })
+}
+
+#[test]
+fn piece_digests_past_the_largest_task_are_refused() {
+    // A peer posing as an upstream: an index that overflows u32 when the count is added.
+    refused(&digests(u32::MAX, 2), "piece digests end");
+    refused(&digests(u32::MAX - 1, 1), "piece digests end");
+    refused(&digests(MAX_PIECE_COUNT, 1), "piece digests end");
+    refused(
+        &digests(MAX_PIECE_COUNT - 2, 3),
+        "piece digests end (first + count)",
+    );
+    // The last pieces of the largest task are fine, and so is an empty list at its end.
+    let last = digests(MAX_PIECE_COUNT - 3, 3);
+    assert_eq!(checked(&last).unwrap(), last);
+    let empty = digests(MAX_PIECE_COUNT, 0);
+    assert_eq!(checked(&empty).unwrap(), empty);
+}
+
+#[test]
+fn have_indices_and_task_meta_counts_are_bounded() {
+    let have = |pieces: Vec<u32>| Control::Have(Have { task: TASK, pieces });
+    refused(&have(vec![0, MAX_PIECE_COUNT]), "have index");
+    refused(&have(vec![u32::MAX]), "have index");
+    let ok = have(vec![0, MAX_PIECE_COUNT - 1]);
+    assert_eq!(checked(&ok).unwrap(), ok);
+
+    let meta = |piece_size, piece_count| {
+        Control::TaskMeta(TaskMeta {
+            task: TASK,
+            length: 1,
+            piece_size,
+            piece_count,
+        })
+    };
+    refused(&meta(1 << 20, MAX_PIECE_COUNT + 1), "piece count");
+    refused(&meta(1 << 20, u32::MAX), "piece count");
+    refused(&meta(MAX_PIECE_SIZE + 1, 1), "piece size");
+    let ok = meta(MAX_PIECE_SIZE, MAX_PIECE_COUNT);
+    assert_eq!(checked(&ok).unwrap(), ok);
+
+    let req = |index| PieceRequest { task: TASK, index };
+    let mut bytes = Vec::new();
+    encode(&req(u32::MAX), &mut bytes).unwrap();
+    let err = decode_checked::<PieceRequest>(&bytes).unwrap_err();
+    assert!(err.to_string().contains("piece index"), "{err}");
+    bytes.clear();
+    encode(&req(MAX_PIECE_COUNT - 1), &mut bytes).unwrap();
+    assert_eq!(
+        decode_checked::<PieceRequest>(&bytes).unwrap().index,
+        MAX_PIECE_COUNT - 1
+    );
+}
