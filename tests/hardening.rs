@@ -5,6 +5,9 @@
 //!   registry ports only, never loopback, link-local or the daemon's own listeners, whatever a
 //!   name resolves to, unless `--proxy-allow` says so; a refusal is a 403 saying why.
 //! - Metrics live on their own address, off the proxy port.
+//! - The proxy CA a daemon makes is name-constrained to its registries (no IP addresses) and
+//!   valid for two years, not a century; a daemon whose CA does not vouch for a registry it is
+//!   told to intercept refuses to start and says how to rotate.
 //! - Only a configured registry, over HTTPS, answering 2xx (directly or at the end of its
 //!   redirects) lets a client have a blob from the mesh: not a registry named by `?ns=`, not a
 //!   cleartext one, not a redirect to nowhere.
@@ -800,4 +803,87 @@ async fn the_store_and_the_keys_are_private() {
     .ok();
     assert_eq!(reissued, pki[1]);
     assert_eq!(mode(&key), 0o600);
+}
+
+/// `openssl x509 ARGS -in FILE`: its stdout, and whether it succeeded.
+fn openssl_x509(file: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .arg("x509")
+        .args(args)
+        .arg("-in")
+        .arg(file)
+        .output()
+        .expect("run openssl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_ca_vouches_for_the_registries_only_and_must_be_rotated_for_others() {
+    let env = Env::new();
+    let (_ca, pkis) = env.ca("cluster", &["sn", "a"]).await;
+    let sn = env.supernode(&pkis[0], None).await;
+    let mut d = env
+        .daemon(&pkis[1], &[&sn], &["--registry", "registry.test:5000"])
+        .await;
+    let answer = raw(d.proxy, "GET /ca.crt HTTP/1.1\r\nHost: d7q").await;
+    assert_eq!(answer.status, 200);
+    let served = String::from_utf8(answer.body).unwrap();
+    let file = d.data_dir.join("proxy-ca").join("proxy-ca.pem");
+    assert_eq!(served, std::fs::read_to_string(&file).unwrap());
+    let (_, text) = openssl_x509(&file, &["-noout", "-text"]);
+    assert!(
+        text.contains("Permitted:") && text.contains("DNS:registry.test"),
+        "{text}"
+    );
+    // No address is vouched for: every IPv4 and IPv6 address is excluded.
+    assert!(
+        text.contains("Excluded:") && text.contains("IP:0.0.0.0/0.0.0.0"),
+        "{text}"
+    );
+    // Two years, not a century.
+    let day = 86_400u64;
+    let (ok, _) = openssl_x509(&file, &["-noout", "-checkend", &(700 * day).to_string()]);
+    assert!(ok, "the CA expires within 700 days");
+    let (ok, _) = openssl_x509(&file, &["-noout", "-checkend", &(740 * day).to_string()]);
+    assert!(!ok, "the CA is valid for more than 740 days");
+    d.kill().await;
+
+    // The same store told to intercept a registry the CA was not made for: no start.
+    let data = d.data_dir.to_str().unwrap().to_string();
+    let pki = pkis[1].to_str().unwrap().to_string();
+    let socket = env.path().join("again.sock");
+    let sn_addr = sn.addr();
+    let args = [
+        "daemon",
+        "--listen",
+        "127.0.0.1:0",
+        "--proxy",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--pki",
+        &pki,
+        "--socket",
+        socket.to_str().unwrap(),
+        "--supernode",
+        &sn_addr,
+        "--registry",
+        "registry.test:5000",
+        "--registry",
+        "harbor.example",
+    ];
+    let out = env.run(&args).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("does not vouch for registry harbor.example")
+            && out.stderr.contains("proxy-init"),
+        "{}",
+        out.stderr
+    );
+    // The CA is untouched.
+    assert_eq!(served, std::fs::read_to_string(&file).unwrap());
 }

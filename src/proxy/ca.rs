@@ -6,7 +6,16 @@
 //! the proxy must not let anyone into the mesh, and the other way round.
 //!
 //! Leaf certificates are made on the first CONNECT to a host and kept in a bounded cache of
-//! ready rustls server configurations.
+//! ready rustls server configurations; the cache refuses hosts the `--registry` rules do not
+//! intercept.
+//!
+//! The CA a daemon makes on first start is valid for [`CA_DAYS`] and name-constrained to the
+//! registries configured then (their DNS names and subdomains; IP literals only where a rule is
+//! one, all other addresses excluded): a host that trusts it trusts it for nothing else, even if
+//! its key leaks. At every start the daemon checks that the CA still vouches for every
+//! configured registry and has not expired; if not, it refuses to start and says how to rotate
+//! (move the directory away so a new CA is made, or make one with `d7q ca proxy-init`, then
+//! distribute the new `/ca.crt`).
 //!
 //! Not for: the cluster CA and node identities ([`crate::pki`]).
 
@@ -17,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    GeneralSubtree, IsCa, KeyPair, KeyUsagePurpose, NameConstraints,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, KeyPair, KeyUsagePurpose, NameConstraints,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -33,6 +42,9 @@ pub const KEY_FILE: &str = "proxy-ca.key";
 pub const LEAF_CACHE: usize = 1024;
 /// Validity of a leaf certificate, in days (a restarted daemon makes new ones).
 pub const LEAF_DAYS: i64 = 397;
+/// Validity of a proxy CA made here, in days: long enough not to be a chore, short enough that
+/// a copied key does not vouch for years.
+pub const CA_DAYS: i64 = 730;
 /// ALPN protocols offered to clients of intercepted connections.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
@@ -58,6 +70,24 @@ pub enum CaError {
     /// rustls refused the leaf.
     #[error("proxy CA: TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// A leaf was asked for a host no `--registry` rule intercepts.
+    #[error("{0}: not an intercepted registry; no certificate is made for it")]
+    NotIntercepted(String),
+    /// The stored CA cannot vouch for a configured registry (made for other registries, or
+    /// expired).
+    #[error(
+        "the proxy CA in {dir} does not vouch for registry {host} ({reason}); rotate it: move \
+         {dir} away and restart (a new CA is made for the configured registries), or make one \
+         with `d7q ca proxy-init`, then give hosts the new /ca.crt"
+    )]
+    DoesNotCover {
+        /// The CA directory.
+        dir: PathBuf,
+        /// The registry.
+        host: String,
+        /// What verification said.
+        reason: String,
+    },
 }
 
 /// A proxy CA in memory: signs leaf certificates.
@@ -85,14 +115,11 @@ impl ProxyCa {
         crate::store::private::create_dir(dir).map_err(io_err(dir))?;
         let key = KeyPair::generate()?;
         let mut params = ca_params();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(CA_DAYS);
         if !domains.is_empty() {
-            params.name_constraints = Some(NameConstraints {
-                permitted_subtrees: domains
-                    .iter()
-                    .map(|d| GeneralSubtree::DnsName(d.trim().to_ascii_lowercase()))
-                    .collect(),
-                excluded_subtrees: Vec::new(),
-            });
+            params.name_constraints = Some(constraints(domains));
         }
         // Only the stored certificate carries the constraint: leaves name their issuer by
         // distinguished name and key, which the unconstrained parameters of `load` share.
@@ -122,13 +149,49 @@ impl ProxyCa {
         Ok(Self { cert, key, pem })
     }
 
-    /// Loads the CA of `dir`, creating it first when the directory has none.
-    pub fn load_or_init(dir: &Path) -> Result<Self, CaError> {
-        if dir.join(CERT_FILE).exists() {
-            Self::load(dir)
+    /// Loads the CA of `dir`, creating it first when the directory has none — constrained to
+    /// the registries of the `--registry` patterns `registries` — and checks that it vouches
+    /// for each of them now.
+    pub fn load_or_init(dir: &Path, registries: &[String]) -> Result<Self, CaError> {
+        let ca = if dir.join(CERT_FILE).exists() {
+            Self::load(dir)?
         } else {
-            Self::init(dir)
+            Self::init_constrained(dir, &constraint_names(registries))?
+        };
+        for host in sample_hosts(registries) {
+            ca.vouches_for(&host)
+                .map_err(|reason| CaError::DoesNotCover {
+                    dir: dir.to_path_buf(),
+                    host: host.clone(),
+                    reason,
+                })?;
         }
+        Ok(ca)
+    }
+
+    /// Whether a client trusting only this CA's stored certificate accepts a leaf it makes for
+    /// `host` now (name constraints); the verifier's reason if not. (rustls does not check a
+    /// trust anchor's own dates; the CA's validity is [`CA_DAYS`] from its making.)
+    pub fn vouches_for(&self, host: &str) -> Result<(), String> {
+        use rustls::client::danger::ServerCertVerifier;
+        let (leaf, _) = self.issue(host).map_err(|e| e.to_string())?;
+        let at = rustls::pki_types::UnixTime::now();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in pki::load_certs_pem(&self.pem, Path::new(CERT_FILE)).map_err(|e| e.to_string())? {
+            roots.add(c).map_err(|e| e.to_string())?;
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            pki::provider(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let name =
+            rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], at)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// The CA certificate, PEM.
@@ -162,6 +225,7 @@ impl ProxyCa {
 /// Ready TLS server configurations per intercepted host, made on first use.
 pub struct LeafCache {
     ca: ProxyCa,
+    rules: super::rules::Rules,
     /// std Mutex: held only for map operations, never across an await or a key generation.
     inner: Mutex<Leaves>,
     capacity: usize,
@@ -174,10 +238,11 @@ struct Leaves {
 }
 
 impl LeafCache {
-    /// A cache of at most `capacity` hosts over `ca`.
-    pub fn new(ca: ProxyCa, capacity: usize) -> Self {
+    /// A cache of at most `capacity` hosts over `ca`, for hosts that `rules` intercept.
+    pub fn new(ca: ProxyCa, capacity: usize, rules: super::rules::Rules) -> Self {
         Self {
             ca,
+            rules,
             inner: Mutex::new(Leaves::default()),
             capacity: capacity.max(1),
         }
@@ -188,9 +253,13 @@ impl LeafCache {
         &self.ca
     }
 
-    /// The server configuration for `host`, made and cached on first use.
-    pub fn config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
-        let host = host.to_ascii_lowercase();
+    /// The server configuration for `host:port`, made and cached on first use; refused for a
+    /// target the rules do not intercept (IP literals included, unless a rule names one).
+    pub fn config(&self, host: &str, port: u16) -> Result<Arc<rustls::ServerConfig>, CaError> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if !self.rules.intercepts(&host, port) {
+            return Err(CaError::NotIntercepted(host));
+        }
         if let Some(c) = self.lock().map.get(&host) {
             return Ok(c.clone());
         }
@@ -227,6 +296,99 @@ impl LeafCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Leaves> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Name constraints for `names`: DNS names (each with its subdomains) and IP literals; every
+/// address not named is excluded, so a leaf for an IP literal verifies only where a rule names
+/// that address.
+fn constraints(names: &[String]) -> NameConstraints {
+    let mut permitted = Vec::new();
+    let mut ips = false;
+    for n in names {
+        let n = n.trim().trim_end_matches('.').to_ascii_lowercase();
+        match n
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+        {
+            Ok(std::net::IpAddr::V4(a)) => {
+                ips = true;
+                permitted.push(GeneralSubtree::IpAddress(CidrSubnet::V4(
+                    a.octets(),
+                    [0xff; 4],
+                )));
+            }
+            Ok(std::net::IpAddr::V6(a)) => {
+                ips = true;
+                permitted.push(GeneralSubtree::IpAddress(CidrSubnet::V6(
+                    a.octets(),
+                    [0xff; 16],
+                )));
+            }
+            Err(_) => permitted.push(GeneralSubtree::DnsName(n)),
+        }
+    }
+    if !permitted
+        .iter()
+        .any(|t| matches!(t, GeneralSubtree::DnsName(_)))
+    {
+        // Addresses only: permit names under the reserved `invalid` TLD alone (RFC 2606),
+        // since without any DNS subtree every name would be allowed.
+        permitted.push(GeneralSubtree::DnsName("invalid".into()));
+    }
+    let excluded = if ips {
+        Vec::new()
+    } else {
+        vec![
+            GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+            GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+        ]
+    };
+    NameConstraints {
+        permitted_subtrees: permitted,
+        excluded_subtrees: excluded,
+    }
+}
+
+/// The names a CA made for `--registry` patterns is constrained to: each pattern's host (a
+/// wildcard's domain), without ports, once each.
+fn constraint_names(registries: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = registries.iter().map(|p| pattern_host(p).1).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// A host each `--registry` pattern intercepts, to check a CA against: the host itself, or a
+/// name under a wildcard's domain.
+fn sample_hosts(registries: &[String]) -> Vec<String> {
+    let mut hosts: Vec<String> = registries
+        .iter()
+        .map(|p| match pattern_host(p) {
+            (true, domain) => format!("registry.{domain}"),
+            (false, host) => host,
+        })
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// A pattern's host without port or `*.`, lower case, and whether it was a wildcard.
+fn pattern_host(pattern: &str) -> (bool, String) {
+    let p = pattern.trim().to_ascii_lowercase();
+    // `[v6]:port`, `host:port`, `v6`, `host`.
+    let host = if let Some(rest) = p.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default().to_string()
+    } else if p.matches(':').count() == 1 {
+        p.split(':').next().unwrap_or_default().to_string()
+    } else {
+        p
+    };
+    match host.strip_prefix("*.") {
+        Some(d) => (true, d.to_string()),
+        None => (false, host),
     }
 }
 
@@ -304,7 +466,7 @@ mod tests {
         verify(&stored, &leaf, "registry.test").unwrap();
         assert!(verify(&stored, &leaf, "other.test").is_err());
 
-        let reloaded = ProxyCa::load_or_init(dir.path()).unwrap();
+        let reloaded = ProxyCa::load_or_init(dir.path(), &[]).unwrap();
         assert_eq!(reloaded.cert_pem(), stored);
         let (leaf, _) = reloaded.issue("127.0.0.2").unwrap();
         verify(&stored, &leaf, "127.0.0.2").unwrap();
@@ -333,15 +495,94 @@ mod tests {
     #[test]
     fn leaf_cache_is_bounded_and_reuses() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = LeafCache::new(ProxyCa::init(dir.path()).unwrap(), 3);
-        let a = cache.config("a.test").unwrap();
-        assert!(Arc::ptr_eq(&a, &cache.config("A.TEST").unwrap()));
+        let rules = super::super::rules::Rules::new(&["*.test".to_string()]);
+        let cache = LeafCache::new(ProxyCa::init(dir.path()).unwrap(), 3, rules);
+        let a = cache.config("a.test", 443).unwrap();
+        assert!(Arc::ptr_eq(&a, &cache.config("A.TEST.", 443).unwrap()));
         for h in ["b.test", "c.test", "d.test", "e.test"] {
-            cache.config(h).unwrap();
+            cache.config(h, 443).unwrap();
         }
         assert_eq!(cache.len(), 3);
         // a.test was the oldest: made again, a new configuration.
-        assert!(!Arc::ptr_eq(&a, &cache.config("a.test").unwrap()));
+        assert!(!Arc::ptr_eq(&a, &cache.config("a.test", 443).unwrap()));
         assert_eq!(cache.len(), 3);
+        // Nothing is made for a host the rules do not intercept, addresses included.
+        for h in ["other.example", "127.0.0.1", "::1"] {
+            assert!(
+                matches!(cache.config(h, 443), Err(CaError::NotIntercepted(_))),
+                "{h}"
+            );
+        }
+        assert_eq!(cache.len(), 3);
+    }
+
+    #[test]
+    fn the_ca_made_on_first_start_vouches_for_the_registries_only_and_not_for_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = [
+            "registry.test:5000".to_string(),
+            "*.corp.example".to_string(),
+        ];
+        let ca = ProxyCa::load_or_init(dir.path(), &rules).unwrap();
+        for ok in ["registry.test", "harbor.corp.example", "corp.example"] {
+            ca.vouches_for(ok).unwrap();
+        }
+        for bad in [
+            "registry-1.docker.io",
+            "evil.test",
+            "127.0.0.2",
+            "::1",
+            "10.0.0.1",
+        ] {
+            assert!(ca.vouches_for(bad).is_err(), "{bad}");
+        }
+        // Valid for CA_DAYS, not a century (read by openssl: rustls does not check the dates
+        // of a trust anchor, clients like Go's do).
+        let out = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-checkend"])
+            .arg(((CA_DAYS - 2) * 86_400).to_string())
+            .arg("-in")
+            .arg(dir.path().join(CERT_FILE))
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "expires too soon: {out:?}");
+        let out = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-checkend"])
+            .arg(((CA_DAYS + 2) * 86_400).to_string())
+            .arg("-in")
+            .arg(dir.path().join(CERT_FILE))
+            .output()
+            .expect("run openssl");
+        assert!(!out.status.success(), "valid too long: {out:?}");
+        // The same directory, restarted with the same rules: the same CA.
+        let again = ProxyCa::load_or_init(dir.path(), &rules).unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem());
+    }
+
+    #[test]
+    fn a_registry_the_ca_was_not_made_for_stops_the_start_with_how_to_rotate() {
+        let dir = tempfile::tempdir().unwrap();
+        ProxyCa::load_or_init(dir.path(), &["registry.test".to_string()]).unwrap();
+        let more = [
+            "registry.test".to_string(),
+            "harbor.example:8443".to_string(),
+        ];
+        let err = match ProxyCa::load_or_init(dir.path(), &more) {
+            Err(e @ CaError::DoesNotCover { .. }) => e.to_string(),
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("a CA for registry.test accepted harbor.example"),
+        };
+        assert!(err.contains("harbor.example"), "{err}");
+        assert!(err.contains("move") && err.contains("proxy-init"), "{err}");
+    }
+
+    #[test]
+    fn an_address_rule_constrains_the_ca_to_that_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ProxyCa::load_or_init(dir.path(), &["10.1.2.3:5000".to_string()]).unwrap();
+        ca.vouches_for("10.1.2.3").unwrap();
+        for bad in ["10.1.2.4", "registry.test"] {
+            assert!(ca.vouches_for(bad).is_err(), "{bad}");
+        }
     }
 }

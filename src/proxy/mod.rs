@@ -128,7 +128,7 @@ impl Proxy {
     ) -> Result<Arc<Self>, ProxyError> {
         let mirror_upstream = parse_upstream(&cfg.mirror_upstream)
             .ok_or_else(|| ProxyError::MirrorUpstream(cfg.mirror_upstream.clone()))?;
-        let ca = ca::ProxyCa::load_or_init(&cfg.ca_dir)?;
+        let ca = ca::ProxyCa::load_or_init(&cfg.ca_dir, &cfg.registries)?;
         let mirror = (
             mirror_upstream.host().to_string(),
             mirror_upstream.port_u16().unwrap_or(443),
@@ -145,7 +145,7 @@ impl Proxy {
             policy,
             serve_metrics: cfg.serve_metrics,
             mirror_upstream,
-            leaves: ca::LeafCache::new(ca, ca::LEAF_CACHE),
+            leaves: ca::LeafCache::new(ca, ca::LEAF_CACHE, Rules::new(&cfg.registries)),
             mesh,
             metrics,
             access: AccessCache::default(),
@@ -368,7 +368,7 @@ async fn connect(
         return upstream::text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
     };
     if proxy.rules.intercepts(&host, port) {
-        let tls = match proxy.leaves.config(&host) {
+        let tls = match proxy.leaves.config(&host, port) {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, %host, "proxy: no leaf certificate");
