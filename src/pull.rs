@@ -504,9 +504,25 @@ impl ScratchDir {
     }
 }
 
+/// Attempts at removing a scratch directory, [`SCRATCH_RETRY`] apart.
+const SCRATCH_ATTEMPTS: u32 = 20;
+/// Pause between attempts at removing a scratch directory.
+const SCRATCH_RETRY: std::time::Duration = std::time::Duration::from_millis(25);
+
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // After a failed blob the others' futures are dropped mid-way, and a file operation one
+        // of them handed to a blocking thread can still create a file in here while
+        // `remove_dir_all` runs (it then fails with "directory not empty"). Those operations
+        // are short: try again until the directory is gone.
+        for _ in 0..SCRATCH_ATTEMPTS {
+            let _ = std::fs::remove_dir_all(&self.0);
+            if !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(SCRATCH_RETRY);
+        }
+        tracing::warn!(dir = %self.0.display(), "could not remove the scratch directory");
     }
 }
 
