@@ -29,6 +29,7 @@ mod https;
 mod netns;
 mod origin;
 mod pullbench;
+mod sim;
 mod swarm;
 mod transfer;
 mod util;
@@ -58,6 +59,8 @@ enum Cmd {
     Wan(wan::Args),
     /// QUIC congestion controllers (bbr, cubic, newreno) through the UDP relay: RTT × loss.
     Cc(cc::Args),
+    /// Row h: the real scheduler and download machines over a simulated swarm (no root).
+    Sim(sim::Args),
     /// One HTTPS GET to a file (the baseline client the benchmarks spawn).
     #[command(hide = true)]
     HttpsGet(https::Args),
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Cmd::Scrape(a) => origin::scrape(a),
         Cmd::Wan(a) => wan::run(a),
         Cmd::Cc(a) => cc::run(a),
+        Cmd::Sim(a) => sim::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
