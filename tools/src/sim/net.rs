@@ -213,6 +213,19 @@ impl Net {
             .collect()
     }
 
+    /// Bytes the flows crossing `res` have moved so far (they are not done yet).
+    pub fn in_flight_bytes(&self, res: ResId, now: u64) -> f64 {
+        self.res[res as usize]
+            .flows
+            .iter()
+            .map(|&id| {
+                let f = &self.flows[id as usize];
+                let left = f.remaining - f.rate * now.saturating_sub(f.last) as f64 * 1e-9;
+                (f.size - left.max(0.0)).max(0.0)
+            })
+            .sum()
+    }
+
     /// Flows crossing `res` right now.
     pub fn load(&self, res: ResId) -> usize {
         self.res[res as usize].flows.len()

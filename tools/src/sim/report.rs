@@ -10,10 +10,12 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::world::{Counters, Fate, Outcome, Role, Sample, SimConfig};
+use super::world::{Counters, Fate, Outcome, PeerRecord, Role, Sample, SimConfig};
 
 /// Points kept of the completion curve.
 const CURVE_POINTS: usize = 400;
+/// Slowest peers listed in the result.
+const SLOWEST: usize = 10;
 
 /// The deterministic result of one run.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -44,8 +46,10 @@ pub struct SimResult {
     /// Lying peers every blob's swarm isolated, of those there were.
     pub liars_isolated: usize,
     pub liars: usize,
-    /// Honest peers isolated by a swarm (reported by enough distinct peers).
+    /// Honest peers (still there) isolated by a swarm (reported by enough distinct peers).
     pub honest_isolated: usize,
+    /// The slowest finished peers, slowest first (at most [`SLOWEST`]).
+    pub slowest: Vec<PeerRecord>,
     pub counters: Counters,
     /// (seconds, share of peers done), at most [`CURVE_POINTS`].
     pub curve: Vec<[f64; 2]>,
@@ -252,6 +256,18 @@ pub fn result(cfg: &SimConfig, o: Outcome) -> SimResult {
         .filter(|p| matches!(p.fate, Fate::Done(_)))
         .flat_map(|p| p.parents.iter().map(|&k| k as f64))
         .collect();
+    let mut slowest: Vec<PeerRecord> = o
+        .peers
+        .iter()
+        .filter(|p| matches!(p.fate, Fate::Done(_)))
+        .cloned()
+        .collect();
+    let done_s = |p: &PeerRecord| match p.fate {
+        Fate::Done(t) => t,
+        _ => 0.0,
+    };
+    slowest.sort_by(|a, b| done_s(b).total_cmp(&done_s(a)));
+    slowest.truncate(SLOWEST);
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let total = cfg.peers.max(1) as f64;
@@ -295,6 +311,7 @@ pub fn result(cfg: &SimConfig, o: Outcome) -> SimResult {
         liars_isolated: o.liars_isolated,
         liars: o.peers.iter().filter(|p| p.role == Role::Liar).count(),
         honest_isolated: o.honest_isolated,
+        slowest,
         counters: o.counters,
         curve,
         samples: o.samples,

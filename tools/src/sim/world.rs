@@ -24,9 +24,16 @@
 //!   that leaves closes its connections (noticed after half an RTT), one that dies goes silent
 //!   (noticed after the QUIC idle timeout).
 //!
-//! Time is a virtual nanosecond count added to one `Instant` captured at the start; nothing
-//! reads the clock. Every choice the world makes itself comes from the seeded [`Rng`], and
-//! everything is iterated in a fixed order, so a seed names one run exactly.
+//! Time is a virtual nanosecond count added to one `Instant` captured at the start; only the
+//! optional progress line reads the clock, and it never reaches the result. Every choice the
+//! world makes itself comes from the seeded [`Rng`] (which peers are late, slow or lying; who
+//! hears a broadcast first, as jitter would decide), and everything else is iterated in a fixed
+//! order, so a seed names one run exactly.
+//!
+//! Where the drivers leave something out, so does this: nothing calls
+//! `Swarm::handle_transfer`, `set_upload_slots` or `poll_reschedule` (neither `supernode.rs`
+//! nor `engine.rs` does). [`Knobs`] set the machines' public configuration; the one what-if
+//! that is not the product's (bounded seed upload slots) says so.
 //!
 //! Not for: modelling CPU, disks, congestion control or the client-side streaming reader.
 
@@ -310,8 +317,8 @@ pub struct Outcome {
     pub end_s: f64,
     /// Liars the swarms isolated (in every blob).
     pub liars_isolated: usize,
-    /// Honest peers a swarm isolated (in any blob): reported for timeouts or refusals by
-    /// enough distinct peers.
+    /// Honest peers still there that a swarm isolated (in any blob): reported for timeouts or
+    /// refusals by enough distinct peers.
     pub honest_isolated: usize,
 }
 
@@ -348,7 +355,7 @@ struct World<'a> {
     done_peers: usize,
     samples: Vec<Sample>,
     sample_every: u64,
-    last_sample: (u64, u64, u64),
+    last_sample: (u64, f64, f64),
     /// When the run started, if progress is shown.
     progress: Option<Instant>,
     /// Who hears a broadcast first (digests, `Have`s): on a real network jitter decides, and
@@ -751,7 +758,7 @@ impl<'a> World<'a> {
             done_peers: 0,
             samples: Vec::new(),
             sample_every,
-            last_sample: (0, 0, 0),
+            last_sample: (0, 0.0, 0.0),
             progress: None,
             rng: Rng::new(cfg.seed ^ 0x005e_ed0f_04de),
         };
@@ -791,7 +798,7 @@ impl<'a> World<'a> {
                 if self.tasks.iter().all(|t| t.swarm.is_isolated(node)) {
                     liars_isolated += 1;
                 }
-            } else if self.tasks.iter().any(|t| t.swarm.is_isolated(node)) {
+            } else if self.hosts[h].alive && self.tasks.iter().any(|t| t.swarm.is_isolated(node)) {
                 honest_isolated += 1;
             }
         }
@@ -1925,15 +1932,22 @@ impl<'a> World<'a> {
     fn sample(&mut self) {
         let (t0, seed0, peers0) = self.last_sample;
         let dt = secs(self.now.saturating_sub(t0));
-        let (seed1, peers1) = (self.counters.seed_sent_bytes, self.counters.peer_sent_bytes);
-        let joined_up: f64 = self.hosts[1..]
-            .iter()
-            .filter(|h| h.joined && h.alive)
-            .map(|h| h.up_rate)
-            .sum();
-        let util = |bytes: u64, rate: f64| {
+        // Bytes moved so far, the transfers under way included: counting only finished
+        // pieces would show a seed that sends a thousand pieces at once as idle, then busy.
+        let seed_up = self.hosts[SEED_HOST as usize].up;
+        let seed1 =
+            self.counters.seed_sent_bytes as f64 + self.net.in_flight_bytes(seed_up, self.now);
+        let mut peers1 = self.counters.peer_sent_bytes as f64;
+        let mut joined_up = 0.0;
+        for h in &self.hosts[1..] {
+            peers1 += self.net.in_flight_bytes(h.up, self.now);
+            if h.joined && h.alive {
+                joined_up += h.up_rate;
+            }
+        }
+        let util = |bytes: f64, rate: f64| {
             if dt > 0.0 && rate > 0.0 {
-                bytes as f64 / (rate * dt)
+                (bytes / (rate * dt)).max(0.0)
             } else {
                 0.0
             }
