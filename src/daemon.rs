@@ -123,6 +123,8 @@ struct Inner {
     pool: ConnPool,
     metrics: Arc<Metrics>,
     upload_limiter: RateLimiter,
+    /// Piece uploads at once, all connections together.
+    upload_slots: Arc<tokio::sync::Semaphore>,
     download_limiter: RateLimiter,
     /// Tasks this node can serve pieces of, with the feed of newly stored pieces.
     live: Mutex<HashMap<TaskId, Arc<LiveTask>>>,
@@ -229,6 +231,7 @@ impl Daemon {
         }
         let inner = Arc::new(Inner {
             upload_limiter: RateLimiter::new(cfg.upload_rate),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(crate::sched::UPLOAD_SLOTS)),
             download_limiter: RateLimiter::new(cfg.download_rate),
             node_id,
             store,
@@ -344,6 +347,7 @@ async fn accept(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
                 Some(a) if a == d7q_wire::ADMIN_ALPN => admin::serve(conn, inner).await,
                 Some(a) if a == d7q_wire::ALPN => {
                     let cfg = UploadConfig {
+                        slots: inner.upload_slots.clone(),
                         node_id: inner.node_id,
                         labels: inner.cfg.labels.clone(),
                         limiter: inner.upload_limiter.clone(),

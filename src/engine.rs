@@ -674,7 +674,11 @@ impl<'a> Engine<'a> {
             resumed = resumed.len(),
             "download started"
         );
-        let cfg = DownloadConfig::new(self.cfg.node_id, rand::random());
+        let cfg = if self.cfg.upload_addr.is_some() {
+            DownloadConfig::uploader(self.cfg.node_id, rand::random())
+        } else {
+            DownloadConfig::new(self.cfg.node_id, rand::random())
+        };
         Ok(Running {
             geometry: g,
             machine: Download::new(g.length, g.piece_size, g.piece_count, resumed, cfg),
@@ -820,8 +824,12 @@ impl<'a> Engine<'a> {
             Ok(bytes) => bytes,
             Err(e) => {
                 debug!(source = src.0, piece = i, error = %e, "piece failed");
-                let busy_seed = src == SEED && matches!(e, PieceError::Refused(PieceStatus::Busy));
-                if let (Some(m), false) = (&self.cfg.metrics, busy_seed) {
+                // Busy and saturated sources are fine, only full: not failures.
+                let full = matches!(
+                    e,
+                    PieceError::Refused(PieceStatus::Busy | PieceStatus::Saturated)
+                );
+                if let (Some(m), false) = (&self.cfg.metrics, full) {
                     m.piece_failures(e.reason()).inc();
                 }
                 if let (SEED, PieceError::Connection(c)) = (src, &e) {

@@ -175,6 +175,7 @@ label!(crate::sched::seed::Decision, "decision", [
     Starvation => "starvation",
     Overflow => "overflow",
     Busy => "busy",
+    Saturated => "saturated",
 ]);
 
 /// A monotonically increasing count.
@@ -728,6 +729,7 @@ d7q_seed_decisions_total{{decision=\"patience\"}} 0
 d7q_seed_decisions_total{{decision=\"starvation\"}} 0
 d7q_seed_decisions_total{{decision=\"overflow\"}} 0
 d7q_seed_decisions_total{{decision=\"busy\"}} 3
+d7q_seed_decisions_total{{decision=\"saturated\"}} 0
 # HELP d7q_proxy_requests_total Requests the proxy handled, by what it did.
 # TYPE d7q_proxy_requests_total counter
 d7q_proxy_requests_total{{kind=\"blob_mesh\"}} 0

@@ -11,6 +11,10 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// How long a peer may take to send the request of a piece stream.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an uploader keeps trying to hand one piece over (header, bytes, the peer's
+/// acknowledgement) before it resets the stream: a peer that stops reading must not hold an
+/// upload slot. Twice the downloader's own deadline per piece.
+pub const PIECE_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a framed read or write failed.
 #[derive(Debug, thiserror::Error)]

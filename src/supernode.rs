@@ -1430,6 +1430,17 @@ async fn send_answer(
     header: &PieceHeader,
     body: Option<Bytes>,
 ) -> bool {
+    let sent = tokio::time::timeout(proto::PIECE_SEND_TIMEOUT, send_all(send, header, body));
+    match sent.await {
+        Ok(delivered) => delivered,
+        Err(_) => {
+            let _ = send.reset(quinn::VarInt::from_u32(0));
+            false
+        }
+    }
+}
+
+async fn send_all(send: &mut quinn::SendStream, header: &PieceHeader, body: Option<Bytes>) -> bool {
     if send.write_all(&header.encode()).await.is_err() {
         return false;
     }

@@ -37,6 +37,8 @@ pub trait PieceStore: Send + Sync + 'static {
 /// How this node uploads.
 #[derive(Clone)]
 pub struct UploadConfig {
+    /// Piece uploads at once, shared by every connection (see [`crate::sched::UPLOAD_SLOTS`]).
+    pub slots: Arc<tokio::sync::Semaphore>,
     /// Our node id.
     pub node_id: NodeId,
     /// Our labels.
@@ -210,6 +212,14 @@ async fn piece<S: PieceStore>(
         }
     };
     let (task, index) = (req.task, req.index);
+    // Held until the child has the whole piece (or the stream ends).
+    let Ok(_slot) = cfg.slots.clone().try_acquire_owned() else {
+        let _ = send
+            .write_all(&PieceHeader::refuse(PieceStatus::Saturated).encode())
+            .await;
+        let _ = send.finish();
+        return;
+    };
     let read = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.read_piece(task, index))
@@ -236,21 +246,25 @@ async fn piece<S: PieceStore>(
         }
     }
     let n = bytes.len() as u64;
-    if send
-        .write_all(&PieceHeader::ok(n as u32).encode())
-        .await
-        .is_err()
-    {
-        return;
-    }
-    if send.write_chunk(Bytes::from(bytes)).await.is_err() {
-        return;
-    }
-    let _ = send.finish();
-    // Counted once the peer has it all; a request it cancelled (an endgame duplicate, a piece
-    // it got elsewhere first) is not an upload.
-    if let Ok(None) = send.stopped().await {
-        cfg.metrics.upload_bytes().add(n);
-        cfg.metrics.pieces_served().inc();
+    let delivered = async {
+        send.write_all(&PieceHeader::ok(n as u32).encode())
+            .await
+            .ok()?;
+        send.write_chunk(Bytes::from(bytes)).await.ok()?;
+        send.finish().ok()?;
+        // Once the peer has it all; a request it cancelled (an endgame duplicate, a piece it
+        // got elsewhere first) is not an upload.
+        matches!(send.stopped().await, Ok(None)).then_some(())
+    };
+    match tokio::time::timeout(proto::PIECE_SEND_TIMEOUT, delivered).await {
+        Ok(Some(())) => {
+            cfg.metrics.upload_bytes().add(n);
+            cfg.metrics.pieces_served().inc();
+        }
+        Ok(None) => {}
+        // A peer that stopped reading: free the slot.
+        Err(_) => {
+            let _ = send.reset(quinn::VarInt::from_u32(0));
+        }
     }
 }

@@ -7,3 +7,9 @@ pub mod parents;
 pub mod picker;
 pub mod ratelimit;
 pub mod seed;
+
+/// Pieces a daemon sends at once, to all its children together; a request past them is
+/// answered `Saturated` and its requester asks elsewhere or again after a pause. Copies that
+/// share an upload all arrive late, and a piece passes on only once it has arrived: few at a
+/// time keep the swarm's pieces moving (see [`seed::SEED_SLOTS`] for the seed's own).
+pub const UPLOAD_SLOTS: usize = 8;

@@ -100,12 +100,15 @@ pub struct Args {
     /// How often the supernode reconsiders each peer's parents, ms (the real one: 500).
     #[arg(long)]
     parents_interval_ms: Option<u64>,
-    /// The download machine's requests in flight to the seed (default: the product's, 8).
+    /// The download machine's requests in flight to the seed (default: an uploader's, 1).
     #[arg(long)]
     seed_in_flight: Option<usize>,
     /// The download machine's requests in flight to one parent (default 16).
     #[arg(long)]
     peer_in_flight: Option<usize>,
+    /// The download machine's requests in flight in all, shared by its sources (default 4)
+    #[arg(long)]
+    in_flight: Option<usize>,
     /// The download machine's parents at most (default 64).
     #[arg(long)]
     max_parents: Option<usize>,
@@ -118,10 +121,16 @@ pub struct Args {
     /// The supernode scheduler's children per parent (default 8).
     #[arg(long)]
     swarm_children: Option<usize>,
-    /// Not the product (a what-if): the simulated supernode sends at most this many copies at
-    /// once and queues the rest its gate let through, first come first served.
+    /// The download machine's first and longest pause before asking a saturated source
+    /// again, ms: FIRST,MAX (default 20,2560).
+    #[arg(long, value_parser = parse_pause)]
+    saturated_pause_ms: Option<(Duration, Duration)>,
+    /// The seed's upload slots: copies on their way at once (default: the product's, 4).
     #[arg(long)]
-    whatif_seed_slots: Option<usize>,
+    seed_slots: Option<u32>,
+    /// A daemon's piece uploads at once (default: the product's, 8).
+    #[arg(long)]
+    upload_slots: Option<usize>,
     /// Stop after this many virtual seconds; default: 20 × the bound + 600.
     #[arg(long)]
     time_limit_s: Option<f64>,
@@ -278,11 +287,14 @@ fn config(args: &Args, n: usize, size: u64) -> SimConfig {
         knobs: Knobs {
             seed_in_flight: args.seed_in_flight,
             peer_in_flight: args.peer_in_flight,
+            in_flight: args.in_flight,
             max_parents: args.max_parents,
             piece_timeout: args.piece_timeout_s.map(Duration::from_secs_f64),
+            saturated_pause: args.saturated_pause_ms,
             swarm_parents: args.swarm_parents,
             swarm_children: args.swarm_children,
-            whatif_seed_slots: args.whatif_seed_slots,
+            seed_slots: args.seed_slots,
+            upload_slots: args.upload_slots,
         },
     };
     let t_min = Bound::planned(&cfg).t_min_s;
@@ -527,4 +539,18 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("12 parsecs").is_err());
     }
+}
+
+/// `FIRST,MAX` in milliseconds.
+fn parse_pause(s: &str) -> Result<(Duration, Duration), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected FIRST,MAX in ms, got {s:?}"))?;
+    let ms = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|e| format!("{v:?}: {e}"))
+    };
+    Ok((ms(a)?, ms(b)?))
 }

@@ -44,8 +44,9 @@ pub const ALPN: &[u8] = b"d7q/1";
 pub const ADMIN_ALPN: &[u8] = b"h3";
 /// Major version, the one in [`ALPN`].
 pub const MAJOR_VERSION: u16 = 1;
-/// Minor version, carried in [`msg::Hello`]; minor versions only ever add.
-pub const MINOR_VERSION: u16 = 0;
+/// Minor version, carried in [`msg::Hello`]; minor versions only ever add. 1: the
+/// `Saturated` piece status.
+pub const MINOR_VERSION: u16 = 1;
 /// The largest frame payload either side accepts, checked before allocation.
 pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
 /// The largest number of pieces one task may have. Bounds bitmaps, digest lists and every piece

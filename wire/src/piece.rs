@@ -24,6 +24,9 @@ pub enum PieceStatus {
     BadRequest = 4,
     /// The server failed to read the piece.
     Internal = 5,
+    /// Every upload slot of the server is taken: ask again a little later, or another
+    /// parent. Not a failure of the server. Since minor version 1.
+    Saturated = 6,
 }
 
 impl PieceStatus {
@@ -35,6 +38,7 @@ impl PieceStatus {
             3 => Self::Busy,
             4 => Self::BadRequest,
             5 => Self::Internal,
+            6 => Self::Saturated,
             _ => return None,
         })
     }

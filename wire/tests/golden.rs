@@ -748,6 +748,7 @@ fn piece_status_values() {
         PieceStatus::Busy,
         PieceStatus::BadRequest,
         PieceStatus::Internal,
+        PieceStatus::Saturated,
     ];
     for (value, status) in statuses.iter().enumerate() {
         let header = PieceHeader::refuse(*status);

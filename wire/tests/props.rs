@@ -213,6 +213,7 @@ fn piece_status() -> impl Strategy<Value = PieceStatus> {
         PieceStatus::Busy,
         PieceStatus::BadRequest,
         PieceStatus::Internal,
+        PieceStatus::Saturated,
     ])
 }
 

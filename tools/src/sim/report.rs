@@ -383,13 +383,14 @@ pub fn summary(r: &SimResult, perf: Option<&Perf>) -> String {
     let c = &r.counters;
     let _ = writeln!(
         s,
-        "  seed egress {:.2} F (gate: first {:.2} F, patience {:.2} F, starvation {:.2} F, overflow {:.2} F; {} busy); origin {:.2} F",
+        "  seed egress {:.2} F (gate: first {:.2} F, patience {:.2} F, starvation {:.2} F, overflow {:.2} F; {} busy, {} saturated); origin {:.2} F",
         r.seed_egress_over_f,
         c.seed_bytes_first as f64 / f,
         c.seed_bytes_patience as f64 / f,
         c.seed_bytes_starvation as f64 / f,
         c.seed_bytes_overflow as f64 / f,
         c.gate_busy,
+        c.gate_saturated,
         r.origin_egress_over_f
     );
     let _ = writeln!(
@@ -421,10 +422,11 @@ pub fn summary(r: &SimResult, perf: Option<&Perf>) -> String {
     }
     let _ = writeln!(
         s,
-        "  requests: {} to the seed ({} for pieces peers held), {} to peers; {} cancelled, {} timed out; {} reports, {} parents dropped; liars isolated {}/{}, honest peers isolated {}",
+        "  requests: {} to the seed ({} for pieces peers held), {} to peers ({} refused saturated); {} cancelled, {} timed out; {} reports, {} parents dropped; liars isolated {}/{}, honest peers isolated {}",
         c.requests_to_seed,
         c.seed_requests_held_elsewhere,
         c.requests_to_peers,
+        c.refused_saturated,
         c.cancels,
         c.timeouts,
         c.reports,

@@ -38,14 +38,15 @@
 //! Not for: modelling CPU, disks, congestion control or the client-side streaming reader.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use d7q::sched::download::{Action, Delivery, Download, DownloadConfig, PieceFailure};
 use d7q::sched::parents::{Swarm, SwarmConfig};
 use d7q::sched::picker::SourceId;
-use d7q::sched::seed::{Decision, SeedGate};
+use d7q::sched::seed::{Decision, SeedGate, SEED_SLOTS};
+use d7q::sched::UPLOAD_SLOTS;
 use d7q::task::Geometry;
 use d7q_wire::{BadPeerReason, Bitmap, Labels, NodeId, PeerInfo, PieceStatus, Sha256};
 use serde::Serialize;
@@ -119,29 +120,35 @@ pub struct Knobs {
     pub seed_in_flight: Option<usize>,
     /// `DownloadConfig::peer_in_flight`.
     pub peer_in_flight: Option<usize>,
+    /// `DownloadConfig::in_flight`.
+    pub in_flight: Option<usize>,
     /// `DownloadConfig::max_parents`.
     pub max_parents: Option<usize>,
     /// `DownloadConfig::piece_timeout`.
     pub piece_timeout: Option<Duration>,
+    /// `DownloadConfig::saturated_pause`.
+    pub saturated_pause: Option<(Duration, Duration)>,
     /// `SwarmConfig::max_parents`.
     pub swarm_parents: Option<usize>,
     /// `SwarmConfig::max_children_per_parent`.
     pub swarm_children: Option<usize>,
-    /// Not the product: a supernode that sends at most this many copies at once and queues
-    /// the rest (first come, first served) after its gate let them through — as if the
-    /// `uploads` permit of `read_piece` were held until the copy went out. Today's bounds only
-    /// the disk reads, so every copy the gate lets through shares the seed's upload at once.
-    pub whatif_seed_slots: Option<usize>,
+    /// The seed gate's upload slots (`SeedGate::with_slots`; default `SEED_SLOTS`).
+    pub seed_slots: Option<u32>,
+    /// A daemon's piece uploads at once (default `d7q::sched::UPLOAD_SLOTS`, as `upload.rs`).
+    pub upload_slots: Option<usize>,
 }
 
 impl Knobs {
     fn download(&self, node: NodeId, picker_seed: u64) -> DownloadConfig {
-        let d = DownloadConfig::new(node, picker_seed);
+        // Every simulated peer uploads, as a daemon does.
+        let d = DownloadConfig::uploader(node, picker_seed);
         DownloadConfig {
             seed_in_flight: self.seed_in_flight.unwrap_or(d.seed_in_flight),
             peer_in_flight: self.peer_in_flight.unwrap_or(d.peer_in_flight),
+            in_flight: self.in_flight.unwrap_or(d.in_flight),
             max_parents: self.max_parents.unwrap_or(d.max_parents),
             piece_timeout: self.piece_timeout.unwrap_or(d.piece_timeout),
+            saturated_pause: self.saturated_pause.unwrap_or(d.saturated_pause),
             ..d
         }
     }
@@ -263,8 +270,10 @@ pub struct Counters {
     pub corrupt_bytes: u64,
     /// Refusals: "not available" from parents.
     pub refused_not_available: u64,
-    /// Seed copies that waited for a what-if upload slot.
-    pub whatif_seed_queued: u64,
+    /// Seed requests the gate refused because its upload slots were full.
+    pub gate_saturated: u64,
+    /// Refusals: "saturated" from parents whose upload slots were full.
+    pub refused_saturated: u64,
     /// The most children subscribed to one host for one blob at once.
     pub max_children: u64,
     /// Why downloads failed (digits shown as `#`), and how often.
@@ -345,7 +354,6 @@ struct World<'a> {
     origin_up: Option<ResId>,
     reqs: Vec<Req>,
     free_reqs: Vec<u32>,
-    seed_queue: VecDeque<u32>,
     counters: Counters,
     updates: Vec<Update>,
     actions: Vec<Action>,
@@ -443,8 +451,6 @@ struct Req {
     flow: Option<FlowId>,
     gate: Option<Decision>,
     cancelled: bool,
-    /// Waiting for a what-if seed slot.
-    queued: bool,
     refs: u16,
 }
 
@@ -726,7 +732,10 @@ impl<'a> World<'a> {
                     digests,
                     sha: [t as u8 ^ 0x5a; 32],
                     swarm,
-                    gate: SeedGate::new(g.piece_count),
+                    gate: SeedGate::with_slots(
+                        g.piece_count,
+                        cfg.knobs.seed_slots.unwrap_or(SEED_SLOTS),
+                    ),
                     seed_stored: if instant { g.piece_count } else { 0 },
                     ingest_started: instant,
                     registered: vec![Vec::new(); dcs],
@@ -749,7 +758,6 @@ impl<'a> World<'a> {
             origin_up,
             reqs: Vec::new(),
             free_reqs: Vec::new(),
-            seed_queue: VecDeque::new(),
             counters: Counters::default(),
             updates: Vec::new(),
             actions: Vec::new(),
@@ -1300,54 +1308,21 @@ impl<'a> World<'a> {
             Decision::Starvation => (c_.gate_starvation += 1, c_.seed_bytes_starvation += len),
             Decision::Overflow => (c_.gate_overflow += 1, c_.seed_bytes_overflow += len),
             Decision::Busy => (c_.gate_busy += 1, ()),
+            Decision::Saturated => (c_.gate_saturated += 1, ()),
         };
         if !d.serves() {
+            // As the supernode answers: busy for a piece held back, saturated when full.
+            let status = match d {
+                Decision::Saturated => PieceStatus::Saturated,
+                _ => PieceStatus::Busy,
+            };
             let lat = self.lat(SEED_HOST, c);
-            self.after_req(
-                lat,
-                rid,
-                Ev::Refused {
-                    req: rid,
-                    status: PieceStatus::Busy,
-                },
-            );
+            self.after_req(lat, rid, Ev::Refused { req: rid, status });
         } else {
             self.reqs[rid as usize].gate = Some(d);
-            match self.cfg.knobs.whatif_seed_slots {
-                Some(k) if self.net.load(self.hosts[SEED_HOST as usize].up) >= k => {
-                    self.counters.whatif_seed_queued += 1;
-                    self.hold(rid);
-                    self.reqs[rid as usize].queued = true;
-                    self.seed_queue.push_back(rid);
-                }
-                _ => self.start_flow(rid),
-            }
+            self.start_flow(rid);
         }
         self.release(rid);
-    }
-
-    /// What-if slots: a seed copy ended; start queued ones while slots are free.
-    fn seed_dequeue(&mut self) {
-        let Some(k) = self.cfg.knobs.whatif_seed_slots else {
-            return;
-        };
-        while self.net.load(self.hosts[SEED_HOST as usize].up) < k {
-            let Some(rid) = self.seed_queue.pop_front() else {
-                return;
-            };
-            let r = &mut self.reqs[rid as usize];
-            let was_queued = std::mem::replace(&mut r.queued, false);
-            let (c, t, piece) = (r.child, r.task, r.piece);
-            if was_queued && self.hosts[c as usize].alive {
-                self.start_flow(rid);
-            } else if was_queued {
-                // Its requester is gone: the copy is abandoned.
-                let now = self.instant();
-                self.tasks[t as usize].gate.handle_sent(piece, false, now);
-                self.counters.machine_calls += 1;
-            }
-            self.release(rid);
-        }
     }
 
     fn peer_request(&mut self, rid: u32) {
@@ -1358,7 +1333,15 @@ impl<'a> World<'a> {
             self.release(rid);
             return;
         }
-        if !self.hosts[p as usize].tasks[t as usize].stored.test(piece) {
+        let slots = self.cfg.knobs.upload_slots.unwrap_or(UPLOAD_SLOTS);
+        if self.net.load(self.hosts[p as usize].up) >= slots {
+            // Every piece upload of the daemon is taken, all blobs together, as `upload.rs`
+            // counts them.
+            self.counters.refused_saturated += 1;
+            let lat = self.lat(p, c);
+            let status = PieceStatus::Saturated;
+            self.after_req(lat, rid, Ev::Refused { req: rid, status });
+        } else if !self.hosts[p as usize].tasks[t as usize].stored.test(piece) {
             self.counters.refused_not_available += 1;
             let lat = self.lat(p, c);
             self.after_req(
@@ -1448,9 +1431,6 @@ impl<'a> World<'a> {
             self.after_req(2 * lat, rid, Ev::SeedSent(rid));
         }
         self.release(rid);
-        if s == SEED_HOST {
-            self.seed_dequeue();
-        }
     }
 
     fn delivered(&mut self, rid: u32) {
@@ -1557,12 +1537,6 @@ impl<'a> World<'a> {
         let now = self.instant();
         let r = &mut self.reqs[rid as usize];
         r.cancelled = true;
-        if std::mem::replace(&mut r.queued, false) {
-            // Still waiting for a slot: it never goes out (the queue drops it later).
-            let (t, piece) = (r.task, r.piece);
-            self.tasks[t as usize].gate.handle_sent(piece, false, now);
-            self.counters.machine_calls += 1;
-        }
         if let Some(f) = self.reqs[rid as usize].flow.take() {
             let mut ups = std::mem::take(&mut self.updates);
             let sent = self.net.end(self.now, f, &mut ups);
@@ -1576,9 +1550,6 @@ impl<'a> World<'a> {
                 self.counters.machine_calls += 1;
             }
             self.release(rid); // the flow's
-            if s == SEED_HOST {
-                self.seed_dequeue();
-            }
         }
         self.release(rid);
     }
@@ -1745,7 +1716,6 @@ impl<'a> World<'a> {
                     flow: None,
                     gate: None,
                     cancelled: false,
-                    queued: false,
                     refs: 0,
                 });
                 self.task_mut(h, t).live.insert((src.0, index), rid);
@@ -1921,7 +1891,6 @@ impl<'a> World<'a> {
             }
             self.release(rid); // the flow's
         }
-        self.seed_dequeue();
         let host = &mut self.hosts[h as usize];
         if host.fate.is_none() {
             host.fate = Some(if dies { Fate::Died } else { Fate::Left });
