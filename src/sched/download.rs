@@ -35,7 +35,7 @@ pub const UPLOADER_SEED_IN_FLIGHT: usize = 1;
 /// Default for [`DownloadConfig::peer_in_flight`].
 pub const PEER_IN_FLIGHT: usize = 16;
 /// Default for [`DownloadConfig::in_flight`].
-pub const IN_FLIGHT: usize = 4;
+pub const IN_FLIGHT: usize = 8;
 /// Default for [`DownloadConfig::max_parents`].
 pub const MAX_PARENTS: usize = d7q_wire::MAX_PARENTS;
 /// Default for [`DownloadConfig::piece_timeout`]: how long one piece may take before its
@@ -73,8 +73,10 @@ pub struct DownloadConfig {
     /// takes a parent's (or the seed's) every upload slot while its siblings wait, and the
     /// seed's first copies go to many peers instead of the fastest few. Measured in the
     /// simulator (`d7q-bench sim --size 256MiB`, 8 / 16 / 100 peers): 0.86 / 0.85 / 0.83 of
-    /// the bound with 4 in all, 0.86 / 0.85 / 0.82 with 8, 0.77 / 0.72 / 0.72 with two per
-    /// parent whatever their number.
+    /// the bound with 4 in all, 0.86 / 0.85 / 0.82 with 8, 0.77 / 0.82 / 0.80 with 16, 0.77 /
+    /// 0.72 / 0.72 with two per parent whatever their number. 8, not 4: real requests pay a
+    /// round trip and a busy machine's scheduling between pieces, which the simulator does
+    /// not.
     pub in_flight: usize,
     /// Parents connected at once.
     pub max_parents: usize,
@@ -240,6 +242,11 @@ pub struct Download {
     next_source: u32,
     complete: Option<Sha256>,
     actions: VecDeque<Action>,
+    /// Whether every source may have something new to ask for; otherwise only those in
+    /// `dirty` (they announced pieces). A source with room and nothing wanted is not
+    /// searched again on every event.
+    dirty_all: bool,
+    dirty: Vec<SourceId>,
     finished: bool,
     /// A failure is queued: nothing more is asked until the seed is replaced (a lost seed) or
     /// ever (any other failure).
@@ -327,6 +334,8 @@ impl Download {
             next_source: 1,
             complete: None,
             actions: VecDeque::new(),
+            dirty_all: true,
+            dirty: Vec::new(),
             finished: false,
             failing: false,
         }
@@ -336,6 +345,7 @@ impl Download {
     /// count as done (stored before, verified against these very digests): the driver
     /// announces them.
     pub fn handle_digests(&mut self, first: u32, digests: &[Sha256]) -> Result<Vec<u32>, Failure> {
+        self.dirty_all = true;
         let mut resumed_now = Vec::new();
         for (k, digest) in digests.iter().enumerate() {
             let i = first as usize + k;
@@ -410,6 +420,7 @@ impl Download {
 
     /// Parent `src` is connected and subscribed: it may be asked for what it announces.
     pub fn handle_parent_ready(&mut self, src: SourceId) {
+        self.dirty_all = true;
         if let Some(p) = self.parents.get_mut(&src) {
             p.ready = true;
         }
@@ -420,6 +431,7 @@ impl Download {
     pub fn handle_bitmap(&mut self, src: SourceId, bitmap: &Bitmap) {
         if self.parents.contains_key(&src) && bitmap.len() == self.piece_count {
             self.picker.handle_source_bitmap(src, bitmap);
+            self.mark(src);
         }
     }
 
@@ -431,16 +443,19 @@ impl Download {
         for &i in pieces.iter().filter(|&&i| i < self.piece_count) {
             self.picker.handle_source_have(src, i);
         }
+        self.mark(src);
     }
 
     /// Parent `src` went away (connection lost, stream ended, it said no).
     pub fn handle_parent_gone(&mut self, src: SourceId) {
+        self.dirty_all = true;
         self.drop_parent(src, false);
     }
 
     /// The seed is gone: its requests are void and its offer withdrawn; what was verified
     /// stays. A new seed is attached with [`Download::handle_seed_attached`].
     pub fn handle_seed_lost(&mut self) {
+        self.dirty_all = true;
         self.seed_attached = false;
         // Decisions about the old seed are void (its other requests failed too).
         self.actions.retain(|a| match a {
@@ -460,11 +475,13 @@ impl Download {
 
     /// A (new) seed is attached: it offers pieces as it publishes their digests.
     pub fn handle_seed_attached(&mut self) {
+        self.dirty_all = true;
         self.seed_attached = true;
     }
 
     /// Where a streaming consumer reads, as a byte offset; `None` when nobody streams.
     pub fn set_read_position(&mut self, pos: Option<u64>) {
+        self.dirty_all = true;
         let piece = u64::from(self.piece_size.max(1));
         self.picker
             .set_read_position(pos.map(|b| (b / piece) as u32));
@@ -481,6 +498,7 @@ impl Download {
         now: Instant,
     ) -> Option<Delivery> {
         self.deadlines.remove(&(src, index))?;
+        self.dirty_all = true;
         match result {
             Ok(()) => {
                 self.source_delivered(src);
@@ -502,6 +520,7 @@ impl Download {
     /// Requests past their deadline fail as timeouts; pieces the seed withheld are offered
     /// again.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.dirty_all = true;
         self.seed_pause.expire(now);
         self.parents.values_mut().for_each(|p| p.pause.expire(now));
         while let Some(&Reverse((at, i))) = self.reoffer.peek() {
@@ -621,22 +640,39 @@ impl Download {
         }
     }
 
+    /// `src` may have something new to ask for.
+    fn mark(&mut self, src: SourceId) {
+        if !self.dirty_all && !self.dirty.contains(&src) {
+            self.dirty.push(src);
+        }
+    }
+
     fn dispatch(&mut self, now: Instant) {
+        let mut sources = std::mem::take(&mut self.dirty);
+        if std::mem::replace(&mut self.dirty_all, false) {
+            sources.clear();
+            sources.extend(self.parents.keys());
+            // The seed last: peers first take what they can.
+            sources.push(SEED);
+        }
         // Paused sources count: their share is not handed to the others.
         let ready =
             self.parents.values().filter(|p| p.ready).count() + usize::from(self.seed_attached);
         let share = (self.cfg.in_flight / ready.max(1)).max(1);
-        let mut sources: Vec<(SourceId, usize)> = self
-            .parents
-            .iter()
-            .filter(|(_, p)| p.ready && !p.pause.paused(now))
-            .map(|(s, _)| (*s, self.cfg.peer_in_flight.min(share)))
-            .collect();
-        // The seed last: peers first take what they can.
-        if self.seed_attached && !self.seed_pause.paused(now) {
-            sources.push((SEED, self.cfg.seed_in_flight.min(share)));
-        }
-        for (src, limit) in sources {
+        for src in sources.drain(..) {
+            let limit = if src == SEED {
+                if !self.seed_attached || self.seed_pause.paused(now) {
+                    continue;
+                }
+                self.cfg.seed_in_flight.min(share)
+            } else {
+                match self.parents.get(&src) {
+                    Some(p) if p.ready && !p.pause.paused(now) => {
+                        self.cfg.peer_in_flight.min(share)
+                    }
+                    _ => continue,
+                }
+            };
             while self.picker.in_flight(src) < limit {
                 let Some(i) = self.picker.poll_request(src) else {
                     break;
@@ -657,6 +693,8 @@ impl Download {
                 });
             }
         }
+        // Kept for its capacity.
+        self.dirty = sources;
     }
 
     /// Policy for a failed request (`None`: it timed out).

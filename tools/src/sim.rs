@@ -106,7 +106,7 @@ pub struct Args {
     /// The download machine's requests in flight to one parent (default 16).
     #[arg(long)]
     peer_in_flight: Option<usize>,
-    /// The download machine's requests in flight in all, shared by its sources (default 4)
+    /// The download machine's requests in flight in all, shared by its sources (default 8)
     #[arg(long)]
     in_flight: Option<usize>,
     /// The download machine's parents at most (default 64).
