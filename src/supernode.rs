@@ -39,7 +39,7 @@ use crate::origin::{OriginClient, OriginError};
 use crate::pki::NodeIdentity;
 use crate::ratelimit::RateLimiter;
 use crate::sched::parents::{Swarm, SwarmConfig};
-use crate::sched::seed::SeedGate;
+use crate::sched::seed::{Decision, SeedGate};
 use crate::store::{self, DataFile, StoreError};
 use crate::task::{self, Geometry, MIN_PIECE_SIZE};
 use crate::transport::{self, close, MeshError};
@@ -1016,7 +1016,11 @@ impl Inner {
             if let Some(d) = decision {
                 self.metrics.seed_decisions(d).inc();
                 if !d.serves() {
-                    return (PieceHeader::refuse(PieceStatus::Busy), None, false);
+                    let status = match d {
+                        Decision::Saturated => PieceStatus::Saturated,
+                        _ => PieceStatus::Busy,
+                    };
+                    return (PieceHeader::refuse(status), None, false);
                 }
                 passed = true;
             }

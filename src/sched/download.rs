@@ -247,6 +247,11 @@ pub struct Download {
     /// searched again on every event.
     dirty_all: bool,
     dirty: Vec<SourceId>,
+    /// Parents connected and subscribed.
+    ready_parents: usize,
+    /// When paused sources may be asked again (entries whose source's pause changed since
+    /// are stale).
+    pause_ends: BinaryHeap<Reverse<(Instant, SourceId)>>,
     finished: bool,
     /// A failure is queued: nothing more is asked until the seed is replaced (a lost seed) or
     /// ever (any other failure).
@@ -336,6 +341,8 @@ impl Download {
             actions: VecDeque::new(),
             dirty_all: true,
             dirty: Vec::new(),
+            ready_parents: 0,
+            pause_ends: BinaryHeap::new(),
             finished: false,
             failing: false,
         }
@@ -422,7 +429,9 @@ impl Download {
     pub fn handle_parent_ready(&mut self, src: SourceId) {
         self.dirty_all = true;
         if let Some(p) = self.parents.get_mut(&src) {
-            p.ready = true;
+            if !std::mem::replace(&mut p.ready, true) {
+                self.ready_parents += 1;
+            }
         }
     }
 
@@ -498,9 +507,10 @@ impl Download {
         now: Instant,
     ) -> Option<Delivery> {
         self.deadlines.remove(&(src, index))?;
-        self.dirty_all = true;
         match result {
             Ok(()) => {
+                // Room at `src`; requests elsewhere made redundant are marked as cancelled.
+                self.mark(src);
                 self.source_delivered(src);
                 if !self.done.set(index) {
                     return Some(Delivery::Duplicate);
@@ -510,6 +520,8 @@ impl Download {
                 Some(Delivery::New)
             }
             Err(e) => {
+                // The piece is open again, for every source.
+                self.dirty_all = true;
                 self.picker.handle_failed(src, index);
                 self.failed(src, index, Some(e), now);
                 None
@@ -521,8 +533,15 @@ impl Download {
     /// again.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.dirty_all = true;
-        self.seed_pause.expire(now);
-        self.parents.values_mut().for_each(|p| p.pause.expire(now));
+        while let Some(&Reverse((at, src))) = self.pause_ends.peek() {
+            if at > now {
+                break;
+            }
+            self.pause_ends.pop();
+            if let Some(p) = self.pause_mut(src) {
+                p.expire(now);
+            }
+        }
         while let Some(&Reverse((at, i))) = self.reoffer.peek() {
             if at > now {
                 break;
@@ -564,14 +583,24 @@ impl Download {
             }
             self.timers.pop();
         }
+        while let Some(&Reverse((at, src))) = self.pause_ends.peek() {
+            if self.pause_mut(src).is_some_and(|p| p.until == Some(at)) {
+                break;
+            }
+            self.pause_ends.pop();
+        }
         let timer = self.timers.peek().map(|r| r.0 .0);
         let reoffer = self.reoffer.peek().map(|r| r.0 .0);
-        let pauses = self.parents.values().map(|p| p.pause.until);
-        [timer, reoffer, self.seed_pause.until]
-            .into_iter()
-            .chain(pauses)
-            .flatten()
-            .min()
+        let pause = self.pause_ends.peek().map(|r| r.0 .0);
+        [timer, reoffer, pause].into_iter().flatten().min()
+    }
+
+    fn pause_mut(&mut self, src: SourceId) -> Option<&mut Pause> {
+        if src == SEED {
+            Some(&mut self.seed_pause)
+        } else {
+            self.parents.get_mut(&src).map(|p| &mut p.pause)
+        }
     }
 
     /// The next decision, if any. Requests are handed out here, to every source with room;
@@ -584,6 +613,7 @@ impl Download {
             return None;
         }
         while let Some((src, index)) = self.picker.poll_cancel() {
+            self.mark(src);
             if self.deadlines.remove(&(src, index)).is_some() {
                 self.actions.push_back(Action::Cancel {
                     src,
@@ -656,8 +686,7 @@ impl Download {
             sources.push(SEED);
         }
         // Paused sources count: their share is not handed to the others.
-        let ready =
-            self.parents.values().filter(|p| p.ready).count() + usize::from(self.seed_attached);
+        let ready = self.ready_parents + usize::from(self.seed_attached);
         let share = (self.cfg.in_flight / ready.max(1)).max(1);
         for src in sources.drain(..) {
             let limit = if src == SEED {
@@ -709,10 +738,11 @@ impl Download {
             // Not a failure: the source is fine, only full. Pieces it offers are asked of
             // others meanwhile, or of it again after the pause.
             let pause = self.cfg.saturated_pause;
-            if src == SEED {
-                self.seed_pause.saturated(pause, now);
-            } else if let Some(p) = self.parents.get_mut(&src) {
-                p.pause.saturated(pause, now);
+            if let Some(p) = self.pause_mut(src) {
+                p.saturated(pause, now);
+                if let Some(until) = p.until {
+                    self.pause_ends.push(Reverse((until, src)));
+                }
             }
             return;
         }
@@ -768,10 +798,8 @@ impl Download {
     }
 
     fn source_delivered(&mut self, src: SourceId) {
-        if src == SEED {
-            self.seed_pause.delivered();
-        } else if let Some(p) = self.parents.get_mut(&src) {
-            p.pause.delivered();
+        if let Some(p) = self.pause_mut(src) {
+            p.delivered();
         }
     }
 
@@ -787,8 +815,11 @@ impl Download {
     }
 
     fn drop_parent(&mut self, src: SourceId, tell: bool) {
-        if self.parents.remove(&src).is_none() {
+        let Some(p) = self.parents.remove(&src) else {
             return;
+        };
+        if p.ready {
+            self.ready_parents -= 1;
         }
         self.forget_requests(src);
         self.picker.handle_source_gone(src);
