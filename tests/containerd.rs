@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::NoProxyEnv;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -134,13 +136,7 @@ impl Containerd {
             .arg(&self.socket)
             .args(args)
             .env("HOME", &self.dir)
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("HTTP_PROXY")
-            .env_remove("http_proxy")
-            .env_remove("ALL_PROXY")
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
+            .no_proxy_env()
             .env_remove("SSL_CERT_FILE")
             .env_remove("SSL_CERT_DIR")
             .env_remove("CONTAINERD_SNAPSHOTTER")

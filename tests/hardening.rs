@@ -19,6 +19,8 @@
 
 mod common;
 
+use common::NoProxyEnv;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -120,13 +122,7 @@ async fn curl(env: &Env, tag: &str, args: &[&str]) -> Curl {
         .arg(&body)
         .args(["-w", "%{http_code}"])
         .args(args)
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("ALL_PROXY")
-        .env_remove("NO_PROXY")
-        .env_remove("no_proxy")
+        .no_proxy_env()
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::NoProxyEnv;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -516,13 +518,7 @@ async fn curl(env: &Env, tag: &str, args: &[&str]) -> Curl {
         .arg("-o")
         .arg(&body)
         .args(args)
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("ALL_PROXY")
-        .env_remove("NO_PROXY")
-        .env_remove("no_proxy")
+        .no_proxy_env()
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();

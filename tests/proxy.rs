@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::NoProxyEnv;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -62,12 +64,7 @@ async fn curl(env: &Env, tag: &str, args: &[&str]) -> Curl {
         .arg("-o")
         .arg(&body)
         .args(args)
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("NO_PROXY")
-        .env_remove("no_proxy")
+        .no_proxy_env()
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let out = tokio::time::timeout(CURL_TIMEOUT, cmd.output())

@@ -26,6 +26,33 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// The proxy variables a client started by a test must not inherit: each test says itself
+/// whether (and which) proxy a client uses.
+pub const PROXY_ENV: [&str; 7] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// A command without the environment's proxy settings ([`PROXY_ENV`]).
+pub trait NoProxyEnv {
+    /// Removes [`PROXY_ENV`] from the command's environment.
+    fn no_proxy_env(&mut self) -> &mut Self;
+}
+
+impl NoProxyEnv for tokio::process::Command {
+    fn no_proxy_env(&mut self) -> &mut Self {
+        for var in PROXY_ENV {
+            self.env_remove(var);
+        }
+        self
+    }
+}
+
 /// Piece size for files up to 1 GiB.
 pub const PIECE: u64 = 1 << 20;
 

@@ -24,6 +24,8 @@ use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
 
+use super::NoProxyEnv;
+
 use super::token::{Grant, TokenIssuer, ISSUER};
 use super::{read_lossy, Env, Output};
 
@@ -473,13 +475,7 @@ impl Skopeo<'_> {
             .env("REGISTRY_AUTH_FILE", p.join("xdg-run").join("auth.json"))
             .env_remove("SSL_CERT_FILE")
             .env_remove("SSL_CERT_DIR")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("HTTP_PROXY")
-            .env_remove("http_proxy")
-            .env_remove("ALL_PROXY")
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
+            .no_proxy_env()
             .current_dir(p)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
