@@ -1,5 +1,6 @@
 //! Hostile clients against a real supernode: certificate-less admin (`h3`) connections can
-//! neither lock mesh peers out nor read what the supernode holds.
+//! neither lock mesh peers out nor read what the supernode holds; a cluster member that never
+//! reads what it asked a daemon for holds no more than the daemon's upload slots.
 
 mod common;
 
@@ -194,4 +195,93 @@ async fn status_names_no_content_to_an_anonymous_client() {
             assert!(shown.contains("tasks hidden"), "{shown}");
         }
     }
+}
+
+/// Asks `conn` for piece `index` of `task` on a new piece stream and reads only the 8-byte
+/// answer header; the stream is returned unread beyond it.
+async fn ask_piece(
+    conn: &quinn::Connection,
+    task: d7q_wire::TaskId,
+    index: u32,
+) -> (quinn::SendStream, quinn::RecvStream, d7q_wire::PieceHeader) {
+    let (mut send, mut recv) = conn.open_bi().await.expect("piece stream");
+    send.write_all(&[d7q_wire::stream_kind::PIECE])
+        .await
+        .expect("stream kind");
+    d7q::proto::write_msg(&mut send, &d7q_wire::PieceRequest { task, index })
+        .await
+        .expect("piece request");
+    let mut head = [0u8; d7q_wire::piece::PIECE_HEADER_LEN];
+    tokio::time::timeout(Duration::from_secs(30), recv.read_exact(&mut head))
+        .await
+        .expect("an answer in time")
+        .expect("an answer header");
+    let header = d7q_wire::PieceHeader::decode(head).expect("a valid header");
+    (send, recv, header)
+}
+
+/// A cluster member that asks a daemon for pieces and never reads them holds no more than the
+/// daemon's upload slots: the next request is answered "saturated" at once (not queued, not
+/// hung), and a slot is free again as soon as one of the unread streams goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_holds_only_the_upload_slots() {
+    let env = Env::new();
+    let origin = env.origin().await;
+    let pieces = d7q::sched::UPLOAD_SLOTS as u64 + 4;
+    let expected = origin.file("wide.bin", pieces * PIECE);
+    let (_ca, pkis) = env.ca("cluster", &["sn", "d0", "greedy"]).await;
+    let sn = env.supernode(&pkis[0], Some(&origin.ca_file)).await;
+    let d = env.daemon(&pkis[1], &[&sn], &[]).await;
+    let url = origin.url("wide.bin");
+    let out = env.dir("out").join("copy");
+    env.get(&url, &out)
+        .arg("--daemon")
+        .arg(d.socket_arg())
+        .run()
+        .await
+        .ok();
+    assert_eq!(sha256_file(&out), expected);
+
+    // A member of the cluster (its certificate is valid) whose streams take 16 KiB and no more:
+    // the daemon cannot finish a 1 MiB piece to it.
+    let identity = d7q::pki::NodeIdentity::load(&pkis[2]).expect("identity");
+    let mut cfg = d7q::transport::client_config(&identity, d7q_wire::ALPN).expect("config");
+    let mut transport = d7q::transport::transport_config();
+    transport.stream_receive_window(quinn::VarInt::from_u32(16 << 10));
+    cfg.transport_config(Arc::new(transport));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("client endpoint");
+    let conn = d7q::transport::connect_with(&ep, d.mesh, Some(cfg))
+        .await
+        .expect("connect to the daemon");
+    let task = d7q::task::task_id(&url, None, None);
+
+    let mut held = Vec::new();
+    for i in 0..d7q::sched::UPLOAD_SLOTS as u32 {
+        let (send, recv, header) = ask_piece(&conn, task, i).await;
+        assert_eq!(header.status, d7q_wire::PieceStatus::Ok, "piece {i}");
+        assert_eq!(u64::from(header.length), PIECE);
+        held.push((send, recv));
+    }
+    let next = d7q::sched::UPLOAD_SLOTS as u32;
+    let (_s, _r, header) = ask_piece(&conn, task, next).await;
+    assert_eq!(header.status, d7q_wire::PieceStatus::Saturated);
+    assert_eq!(header.length, 0);
+
+    // One reader goes away: its slot is the next request's.
+    let (_send, mut recv) = held.pop().expect("a held stream");
+    recv.stop(quinn::VarInt::from_u32(0)).expect("stop");
+    let served = poll_until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            let (send, recv, header) = ask_piece(&conn, task, next).await;
+            (header.status == d7q_wire::PieceStatus::Ok).then_some((send, recv))
+        },
+    )
+    .await;
+    assert!(served.is_some(), "no slot came free after a reader left");
+    // Still full for anyone else while the rest are held.
+    let (_s, _r, header) = ask_piece(&conn, task, next + 1).await;
+    assert_eq!(header.status, d7q_wire::PieceStatus::Saturated);
+    drop(held);
 }

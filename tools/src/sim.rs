@@ -447,6 +447,20 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// `FIRST,MAX` in milliseconds.
+fn parse_pause(s: &str) -> Result<(Duration, Duration), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected FIRST,MAX in ms, got {s:?}"))?;
+    let ms = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|e| format!("{v:?}: {e}"))
+    };
+    Ok((ms(a)?, ms(b)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,18 +553,4 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("12 parsecs").is_err());
     }
-}
-
-/// `FIRST,MAX` in milliseconds.
-fn parse_pause(s: &str) -> Result<(Duration, Duration), String> {
-    let (a, b) = s
-        .split_once(',')
-        .ok_or_else(|| format!("expected FIRST,MAX in ms, got {s:?}"))?;
-    let ms = |v: &str| {
-        v.trim()
-            .parse::<u64>()
-            .map(Duration::from_millis)
-            .map_err(|e| format!("{v:?}: {e}"))
-    };
-    Ok((ms(a)?, ms(b)?))
 }
