@@ -666,7 +666,9 @@ impl<'a> Engine<'a> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u32, Bytes)>(WRITE_QUEUE_PIECES);
         let hash = self.reg.digest.is_some();
         let writer_sink = sink.clone();
-        let writer = tokio::task::spawn_blocking(move || write_pieces(rx, writer_sink, g, hash));
+        let on_stored = self.cfg.on_have.clone();
+        let writer =
+            tokio::task::spawn_blocking(move || write_pieces(rx, writer_sink, g, hash, on_stored));
         let resumed: HashMap<u32, Option<Sha256>> = sink.stored().into_iter().collect();
         info!(
             length = g.length,
@@ -865,9 +867,7 @@ impl<'a> Engine<'a> {
             .await
             .map_err(|e| GetError::Mesh(format!("writer: {e}")))?
             .map_err(|_| GetError::Mesh("disk writer stopped".into()))?;
-        if let Some(h) = &self.cfg.on_have {
-            h(i);
-        }
+        // Our children hear of it from the writer, once it is on disk and can be served.
         let have = Control::Have(Have {
             task: self.reg.task,
             pieces: vec![i],
@@ -1014,11 +1014,16 @@ async fn wait_changed(
 
 /// Writes pieces through the sink. When the content has an expected digest, a second thread
 /// hashes it in order meanwhile, so the disk and the hash do not wait on each other.
+/// Writes verified pieces as they come and tells `on_stored` of each once it is stored: a piece
+/// announced to children before that would be refused to them as not available (and a parent
+/// refusing what it announced counts as failing), which on a loaded machine, with the write
+/// queue behind, cost daemons their parents.
 fn write_pieces(
     rx: std::sync::mpsc::Receiver<(u32, Bytes)>,
     sink: Arc<dyn PieceSink>,
     g: Geometry,
     hash: bool,
+    on_stored: Option<HaveFn>,
 ) -> Result<Option<Sha256>, StoreError> {
     let hasher = hash.then(|| {
         let (htx, hrx) = std::sync::mpsc::sync_channel::<(u32, Bytes)>(WRITE_QUEUE_PIECES);
@@ -1030,6 +1035,9 @@ fn write_pieces(
         if let Err(e) = sink.write_piece(i, &bytes) {
             result = Err(e);
             break;
+        }
+        if let Some(h) = &on_stored {
+            h(i);
         }
         if let Some((htx, _)) = &hasher {
             if htx.send((i, bytes)).is_err() {
