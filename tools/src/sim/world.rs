@@ -945,11 +945,7 @@ impl<'a> World<'a> {
             } => self.digests(task, first, complete, dc, sent),
             Ev::ParentsTick { host, task } => self.parents_tick(host, task),
             Ev::ParentsArrive { host, task, list } => {
-                if let Some(dl) = self.task_mut(host, task).dl.as_mut() {
-                    dl.handle_parents(&list);
-                    self.counters.machine_calls += 1;
-                    self.pump(host, task);
-                }
+                self.feed(host, task, |dl| dl.handle_parents(&list));
             }
             Ev::Timer { host, task, at } => {
                 let now = self.instant();
@@ -960,18 +956,10 @@ impl<'a> World<'a> {
                     return;
                 }
                 pt.timer_at = None;
-                if let Some(dl) = pt.dl.as_mut() {
-                    dl.handle_timeout(now);
-                    self.counters.machine_calls += 1;
-                    self.pump(host, task);
-                }
+                self.feed(host, task, |dl| dl.handle_timeout(now));
             }
             Ev::ParentReady { host, task, src } => {
-                if let Some(dl) = self.task_mut(host, task).dl.as_mut() {
-                    dl.handle_parent_ready(SourceId(src));
-                    self.counters.machine_calls += 1;
-                    self.pump(host, task);
-                }
+                self.feed(host, task, |dl| dl.handle_parent_ready(SourceId(src)));
             }
             Ev::Subscribe {
                 parent,
@@ -985,18 +973,10 @@ impl<'a> World<'a> {
                 src,
                 bitmap,
             } => {
-                if let Some(dl) = self.task_mut(host, task).dl.as_mut() {
-                    dl.handle_bitmap(SourceId(src), &bitmap);
-                    self.counters.machine_calls += 1;
-                    self.pump(host, task);
-                }
+                self.feed(host, task, |dl| dl.handle_bitmap(SourceId(src), &bitmap));
             }
             Ev::ParentGone { host, task, src } => {
-                if let Some(dl) = self.task_mut(host, task).dl.as_mut() {
-                    dl.handle_parent_gone(SourceId(src));
-                    self.counters.machine_calls += 1;
-                    self.pump(host, task);
-                }
+                self.feed(host, task, |dl| dl.handle_parent_gone(SourceId(src)));
             }
             Ev::HaveFanout {
                 parent,
@@ -1258,11 +1238,8 @@ impl<'a> World<'a> {
         );
         self.rng.shuffle(&mut targets);
         for &(c, src) in &targets {
-            if let Some(dl) = self.task_mut(c, t).dl.as_mut() {
-                dl.handle_have(SourceId(src), &[piece]);
-                self.counters.machine_calls += 1;
+            if self.feed(c, t, |dl| dl.handle_have(SourceId(src), &[piece])) {
                 self.counters.haves_to_children += 1;
-                self.pump(c, t);
             }
         }
         targets.clear();
@@ -1608,8 +1585,22 @@ impl<'a> World<'a> {
 
     // ---- the download driver ----
 
+    /// Hands one event to host `h`'s download of blob `t` (if it runs) and carries out what
+    /// follows; whether there was a download to tell.
+    fn feed(&mut self, h: u32, t: u16, event: impl FnOnce(&mut Download)) -> bool {
+        let Some(dl) = self.task_mut(h, t).dl.as_mut() else {
+            return false;
+        };
+        event(dl);
+        self.counters.machine_calls += 1;
+        self.pump(h, t);
+        true
+    }
+
     /// Drains `h`'s decisions for blob `t`, carries them out, and re-arms its timer: what
     /// `Engine::apply` and the `sleep_until(poll_timeout)` arm of its loop do.
+    ///
+    /// See [`Self::feed`] for one event followed by a pump.
     fn pump(&mut self, h: u32, t: u16) {
         let now = self.instant();
         let mut acts = std::mem::take(&mut self.actions);
