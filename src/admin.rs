@@ -25,6 +25,10 @@ pub const MAX_ADMIN_REQUESTS: usize = 16;
 pub const MAX_STATUS_BYTES: usize = 16 << 20;
 /// How long `d7q status` waits for an answer.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server waits for the rest of a request it has answered.
+pub const REQUEST_DRAIN: Duration = Duration::from_secs(2);
+/// Request body bytes the server reads (and throws away) after answering.
+pub const MAX_REQUEST_BODY: usize = 64 << 10;
 
 /// The node part of a status document.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -119,6 +123,20 @@ pub async fn serve<S: StatusSource>(conn: quinn::Connection, source: Arc<S>) {
                 let _ = stream.send_data(Bytes::from(body)).await;
                 let _ = stream.finish().await;
             }
+            // Read the request to its end before the stream goes: dropping it unread asks the
+            // client to stop sending, and a client still finishing its request then sees its
+            // request reset (RFC 9114 §4.1 allows that; not every client copes). Bounded, as
+            // everything a client controls.
+            let _ = tokio::time::timeout(REQUEST_DRAIN, async {
+                let mut left = MAX_REQUEST_BODY;
+                while let Ok(Some(chunk)) = stream.recv_data().await {
+                    left = left.saturating_sub(chunk.remaining());
+                    if left == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
             drop(permit);
         });
     }
@@ -190,24 +208,14 @@ pub async fn fetch(
         let drive =
             tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
         let req = Request::get(format!("https://{}{path}", pki::MESH_SERVER_NAME)).body(())?;
-        let mut stream = send.send_request(req).await?;
-        stream.finish().await?;
-        let resp = stream.recv_response().await?;
-        let mut body = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await? {
-            if body.len() + chunk.remaining() > MAX_STATUS_BYTES {
-                anyhow::bail!("status answer larger than {MAX_STATUS_BYTES} bytes");
-            }
-            while chunk.has_remaining() {
-                let c = chunk.chunk();
-                body.extend_from_slice(c);
-                let n = c.len();
-                chunk.advance(n);
-            }
-        }
+        let got = match send.send_request(req).await {
+            Ok(stream) => answer(stream).await,
+            Err(e) => Err(e.into()),
+        };
         drive.abort();
-        if !resp.status().is_success() {
-            anyhow::bail!("{addr} answered {} for {path}", resp.status());
+        let (status, body) = got?;
+        if !status.is_success() {
+            anyhow::bail!("{addr} answered {status} for {path}");
         }
         Ok(body)
     };
@@ -216,6 +224,32 @@ pub async fn fetch(
         .map_err(|_| anyhow::anyhow!("{addr}: no answer from the admin API in time"))?;
     ep.close(transport::close::DONE, b"");
     out
+}
+
+/// Ends a sent request and reads its answer, at most [`MAX_STATUS_BYTES`] of body.
+///
+/// A server may answer before it has read the request's end and then stop reading it
+/// (RFC 9114 §4.1: a client must not discard a complete response because its request was cut
+/// short), so a failed finish is not an error: the answer, or the lack of one, says what
+/// happened.
+async fn answer(
+    mut stream: h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+) -> anyhow::Result<(StatusCode, Vec<u8>)> {
+    let _ = stream.finish().await;
+    let resp = stream.recv_response().await?;
+    let mut body = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await? {
+        if body.len() + chunk.remaining() > MAX_STATUS_BYTES {
+            anyhow::bail!("status answer larger than {MAX_STATUS_BYTES} bytes");
+        }
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            body.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+    }
+    Ok((resp.status(), body))
 }
 
 /// Accepts any server certificate. Only for the read-only admin client without an identity.
@@ -302,6 +336,108 @@ mod tests {
         let (status, body) = route(&req, &Fixed, member);
         assert_eq!(status, StatusCode::OK);
         String::from_utf8(body).unwrap()
+    }
+
+    type ClientStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+    /// The connection's request side: a test keeps it while its stream lives.
+    type Requests = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+    /// A node's endpoint on loopback and a client connection to it with `identity`.
+    async fn pair(identity: &NodeIdentity) -> (quinn::Endpoint, quinn::Endpoint, SocketAddr) {
+        let server = transport::endpoint(identity, "127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        (server, client, addr)
+    }
+
+    /// Opens an h3 request on a fresh admin connection and returns it unfinished, with the
+    /// task that drives the connection.
+    async fn open_request(
+        client: &quinn::Endpoint,
+        addr: SocketAddr,
+        identity: &NodeIdentity,
+    ) -> (ClientStream, Requests, tokio::task::JoinHandle<()>) {
+        let tls = identity.client_config(&[d7q_wire::ADMIN_ALPN]).unwrap();
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        let conn = transport::connect_with(client, addr, Some(cfg))
+            .await
+            .unwrap();
+        let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+            .await
+            .unwrap();
+        let drive = tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        let req = Request::get("https://d7q/health").body(()).unwrap();
+        let stream = send.send_request(req).await.unwrap();
+        (stream, send, drive)
+    }
+
+    /// The admin server reads a request to its end after answering it, so a client that is
+    /// slow to finish its request (a loaded machine between two calls) finishes it cleanly
+    /// instead of being told its request was reset (what `d7q status` once failed with:
+    /// "Remote reset: 0x0").
+    #[tokio::test]
+    async fn a_client_slow_to_end_its_request_is_not_reset() {
+        let id = NodeIdentity::ephemeral().unwrap();
+        let (server, client, addr) = pair(&id).await;
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            serve(conn, Arc::new(Fixed)).await;
+        });
+        let (mut stream, _requests, drive) = open_request(&client, addr, &id).await;
+        let resp = stream.recv_response().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+            body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+        }
+        assert_eq!(body, b"{\"status\":\"ok\"}");
+        // The whole answer is here; give a stop request all the time it needs to arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream
+            .finish()
+            .await
+            .expect("a request the server answered still ends cleanly");
+        drive.abort();
+        accept.abort();
+    }
+
+    /// A server that answers and stops reading before the request has ended (RFC 9114 §4.1
+    /// allows it) still gets its answer read: the client's failed finish is not an error.
+    #[tokio::test]
+    async fn a_client_reads_an_answer_sent_before_its_request_ended() {
+        let id = NodeIdentity::ephemeral().unwrap();
+        let (server, client, addr) = pair(&id).await;
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut h3 = h3::server::Connection::<_, Bytes>::new(h3_quinn::Connection::new(conn))
+                .await
+                .unwrap();
+            let mut streams = Vec::new();
+            while let Ok(Some(resolver)) = h3.accept().await {
+                let (_req, mut stream) = resolver.resolve_request().await.unwrap();
+                let resp = Response::builder().status(200).body(()).unwrap();
+                stream.send_response(resp).await.unwrap();
+                stream
+                    .send_data(Bytes::from_static(b"early"))
+                    .await
+                    .unwrap();
+                stream.finish().await.unwrap();
+                // Stop reading the request (what dropping it unread does), keep the rest.
+                stream.stop_sending(h3::error::Code::H3_NO_ERROR);
+                streams.push(stream);
+            }
+        });
+        let (stream, _requests, drive) = open_request(&client, addr, &id).await;
+        // Let the answer and the stop arrive before the client ends its request.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, body) = answer(stream).await.expect("the early answer is read");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, b"early");
+        drive.abort();
+        accept.abort();
     }
 
     #[test]
