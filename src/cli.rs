@@ -125,7 +125,23 @@ struct SupernodeArgs {
     #[arg(long)]
     upstream: Vec<SocketAddr>,
     #[command(flatten)]
+    origins: OriginPolicyArgs,
+    #[command(flatten)]
     transport: TransportArgs,
+}
+
+/// Where origin fetches may connect, for the supernode and for `get` in embedded mode; each flag
+/// has a `[supernode]` key.
+#[derive(Args, Debug, Default)]
+struct OriginPolicyArgs {
+    /// Address or block (ADDR/LEN) origin fetches may connect to although the built-in policy
+    /// refuses it (link-local, cloud metadata, unspecified, broadcast, multicast); repeatable.
+    #[arg(long = "origin-allow", value_name = "CIDR")]
+    origin_allow: Vec<String>,
+    /// Address or block origin fetches must not connect to, like 127.0.0.0/8; repeatable. The
+    /// most specific rule wins; at equal length a deny.
+    #[arg(long = "origin-deny", value_name = "CIDR")]
+    origin_deny: Vec<String>,
 }
 
 /// QUIC on the mesh, for both roles; each flag has a `[transport]` key.
@@ -256,6 +272,9 @@ struct GetArgs {
     /// Extra CA certificate (PEM) trusted for origins (embedded mode); repeatable.
     #[arg(long = "origin-ca")]
     origin_ca: Vec<PathBuf>,
+    /// Embedded mode: where the in-process supernode may fetch from.
+    #[command(flatten)]
+    origins: OriginPolicyArgs,
     /// The local daemon's socket (default: the daemon's default path, used when a daemon
     /// answers there).
     #[arg(long)]
@@ -556,8 +575,33 @@ fn supernode_config(
             crate::metrics::Role::Supernode,
         )),
     };
+    let policy = origin_policy(&a.origins, file.origin_allow, file.origin_deny)?;
+    if !policy.is_builtin() {
+        tracing::info!(rules = %policy, "origin policy");
+    }
+    crate::origin::set_process_policy(policy);
     let upstream = config::pick_list(a.upstream, file.upstream);
     Ok((cfg, metrics, upstream))
+}
+
+/// `--origin-allow`/`--origin-deny` over the config file's lists.
+fn origin_policy(
+    a: &OriginPolicyArgs,
+    file_allow: Option<Vec<crate::cidr::Cidr>>,
+    file_deny: Option<Vec<crate::cidr::Cidr>>,
+) -> Result<crate::origin::policy::OriginPolicy, String> {
+    let parse = |flag: &str, values: &[String]| {
+        values
+            .iter()
+            .map(|v| crate::origin::policy::parse_block(v).map_err(|e| format!("--{flag}: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let allow = parse("origin-allow", &a.origin_allow)?;
+    let deny = parse("origin-deny", &a.origin_deny)?;
+    Ok(crate::origin::policy::OriginPolicy::new(
+        config::pick_list(allow, file_allow),
+        config::pick_list(deny, file_deny),
+    ))
 }
 
 fn parse_default(addr: &str) -> SocketAddr {
@@ -772,8 +816,15 @@ async fn get(a: GetArgs) -> i32 {
     if !(a.url.starts_with("http://") || a.url.starts_with("https://")) {
         return fail(
             exit::USAGE,
-            &format!("{:?} is not an http:// or https:// URL", a.url),
+            &format!(
+                "{:?} is not an http:// or https:// URL",
+                crate::origin::redacted(&a.url)
+            ),
         );
+    }
+    match origin_policy(&a.origins, None, None) {
+        Ok(p) => crate::origin::set_process_policy(p),
+        Err(e) => return fail(exit::USAGE, &e),
     }
     if a.output.is_dir() {
         return fail(

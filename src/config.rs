@@ -31,6 +31,8 @@
 //! dc = "dc1"
 //! origin_ca = ["/etc/ssl/extra.pem"]
 //! back_to_source_rate = "200MiB"
+//! origin_allow = ["169.254.170.2/32"]
+//! origin_deny = ["127.0.0.0/8", "::1"]
 //!
 //! [daemon]
 //! listen = "0.0.0.0:65002"
@@ -162,6 +164,13 @@ pub struct SupernodeFile {
     /// 0 = unlimited.
     #[serde(default, deserialize_with = "de_rate")]
     pub back_to_source_rate: Option<u64>,
+    /// `--origin-allow`: addresses or blocks origin fetches may connect to although the
+    /// built-in policy refuses them (see [`crate::origin::policy`]).
+    #[serde(default, deserialize_with = "de_blocks")]
+    pub origin_allow: Option<Vec<crate::cidr::Cidr>>,
+    /// `--origin-deny`: addresses or blocks origin fetches must not connect to.
+    #[serde(default, deserialize_with = "de_blocks")]
+    pub origin_deny: Option<Vec<crate::cidr::Cidr>>,
     /// `--log`: log filter (tracing syntax).
     #[serde(default, deserialize_with = "de_log")]
     pub log: Option<String>,
@@ -834,6 +843,14 @@ fn de_proxy_allow<'de, D: Deserializer<'de>>(
         .map(Some)
 }
 
+fn de_blocks<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<crate::cidr::Cidr>>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    list.iter()
+        .map(|b| crate::origin::policy::parse_block(b).map_err(de::Error::custom))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 fn de_log<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let s = String::deserialize(d)?;
     tracing_subscriber::EnvFilter::try_new(&s)
@@ -1174,6 +1191,8 @@ dc = "dc1"
 zone = ""
 origin_ca = ["/etc/ssl/extra.pem"]
 back_to_source_rate = "200MiB"
+origin_allow = ["169.254.170.2"]
+origin_deny = ["127.0.0.0/8", "::1"]
 
 [daemon]
 listen = "0.0.0.0:65002"
@@ -1227,6 +1246,12 @@ dir = "proxy-ca"
         assert_eq!(sn.zone.as_deref(), Some(""));
         assert_eq!(sn.host, None);
         assert_eq!(sn.back_to_source_rate, Some(200 << 20));
+        let block = |b: &str| crate::origin::policy::parse_block(b).unwrap();
+        assert_eq!(sn.origin_allow, Some(vec![block("169.254.170.2/32")]));
+        assert_eq!(
+            sn.origin_deny,
+            Some(vec![block("127.0.0.0/8"), block("::1/128")])
+        );
 
         let d = cfg.daemon();
         assert_eq!(d.proxy, Some("127.0.0.1:65001".parse().unwrap()));
@@ -1380,6 +1405,11 @@ dir = "proxy-ca"
             (
                 "[supernode]\nlog = \"d7q=loud\"\n",
                 "supernode.log: not a log filter",
+            ),
+            (
+                "[supernode]\norigin_deny = [\"localhost\"]\n",
+                "supernode.origin_deny: expected an address or a block like \
+                 169.254.169.254/32 or fd00::/8, found \"localhost\"",
             ),
         ];
         for (text, want) in cases {

@@ -286,6 +286,17 @@ impl DevServer {
         counts.get(&normalize_path(path)).copied().unwrap_or(0)
     }
 
+    /// The headers of the last `GET` or `HEAD` of `path`, as they arrived: what a test asserts
+    /// a client sent (or kept to itself).
+    pub fn last_headers(&self, path: &str) -> Option<HeaderMap> {
+        let seen = self
+            .shared
+            .last_headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        seen.get(&normalize_path(path)).cloned()
+    }
+
     /// Body bytes handed to the connections so far, all paths together: the origin's egress.
     pub fn body_bytes_sent(&self) -> u64 {
         self.shared.body_bytes.load(Ordering::Relaxed)
@@ -357,6 +368,7 @@ impl<'a> DevServerBuilder<'a> {
             root: self.root,
             faults: Mutex::new(HashMap::new()),
             get_counts: Mutex::new(HashMap::new()),
+            last_headers: Mutex::new(HashMap::new()),
             body_bytes: AtomicU64::new(0),
         });
         let mut http = auto::Builder::new(TokioExecutor::new());
@@ -408,6 +420,8 @@ struct Shared {
     // std Mutexes: no await happens while one is held.
     faults: Mutex<HashMap<String, Fault>>,
     get_counts: Mutex<HashMap<String, u64>>,
+    /// Per path, only the last request's: bounded by the paths asked for.
+    last_headers: Mutex<HashMap<String, HeaderMap>>,
     body_bytes: AtomicU64,
 }
 
@@ -568,6 +582,11 @@ async fn respond(
     if !head {
         shared.count_get(&path);
     }
+    shared
+        .last_headers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.clone(), req.headers().clone());
     let mut end = BodyEnd::Finish;
     let mut limit = None;
     let mut throttle = None;
@@ -1113,9 +1132,11 @@ mod tests {
         assert!(got.body.is_err());
 
         server.set_fault("/f", Fault::Redirect("/g".into()));
-        let got = fetch(&server, Some(&ca), Method::GET, "/f", &[]).await;
+        let got = fetch(&server, Some(&ca), Method::GET, "/f", &[("x-probe", "1")]).await;
         assert_eq!(got.status, StatusCode::FOUND);
         assert_eq!(got.headers[header::LOCATION], "/g");
+        assert_eq!(server.last_headers("/f").unwrap()["x-probe"], "1");
+        assert!(server.last_headers("/g").is_none());
 
         server.set_fault("/f", Fault::Once(Box::new(Fault::Status(404))));
         let got = fetch(&server, Some(&ca), Method::GET, "/f", &[]).await;

@@ -21,7 +21,8 @@
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`transport`], [`proto`]: QUIC endpoints with mutual TLS, framed messages on streams.
 //! - [`pki`]: the cluster CA and node identities.
-//! - [`origin`]: back-to-source over HTTP(S).
+//! - [`origin`]: back-to-source over HTTP(S), and where it may connect ([`origin::policy`]).
+//! - [`cidr`]: address blocks, for the proxy's and the origin client's connection policies.
 //! - [`registry`]: image references, registry auth, manifests, OCI layout and docker-archive.
 //! - [`store`]: disk: free space, preallocated files, never a half-written output.
 //! - [`task`]: task ids, piece geometry, digests.
@@ -32,6 +33,7 @@
 
 pub mod admin;
 pub mod blobs;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -27,6 +27,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
+use crate::cidr::canonical;
+pub use crate::cidr::Cidr;
+
 use super::rules::Rules;
 
 /// Ports a tunnel may reach without a rule.
@@ -63,13 +66,6 @@ pub enum Allow {
         /// The port; `None`: every port.
         port: Option<u16>,
     },
-}
-
-/// An address block, `ADDR/LEN`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    len: u8,
 }
 
 /// A `--proxy-allow` value that is none of the forms.
@@ -325,76 +321,8 @@ impl fmt::Display for Allow {
             Allow::Net {
                 net,
                 port: Some(port),
-            } => write!(f, "{}", SocketAddr::new(net.addr, *port)),
+            } => write!(f, "{}", SocketAddr::new(net.addr(), *port)),
         }
-    }
-}
-
-impl Cidr {
-    fn single(addr: IpAddr) -> Self {
-        let addr = canonical(addr);
-        let len = if addr.is_ipv4() { 32 } else { 128 };
-        Self { addr, len }
-    }
-
-    fn is_single(&self) -> bool {
-        self.len == if self.addr.is_ipv4() { 32 } else { 128 }
-    }
-
-    /// Whether `ip` (canonical) is in the block.
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.len))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = ();
-
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let (addr, len) = s.split_once('/').ok_or(())?;
-        let parsed = addr.parse::<IpAddr>().map_err(|_| ())?;
-        let max = if parsed.is_ipv4() { 32 } else { 128 };
-        let len: u8 = len.parse().map_err(|_| ())?;
-        if len > max {
-            return Err(());
-        }
-        let addr = canonical(parsed);
-        // `::ffff:a.b.c.d/LEN` is the IPv4 block `a.b.c.d/(LEN - 96)`.
-        let len = if addr.is_ipv4() && parsed.is_ipv6() {
-            len.checked_sub(96).ok_or(())?
-        } else {
-            len
-        };
-        Ok(Self { addr, len })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is, so `::ffff:127.0.0.1` is loopback.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
     }
 }
 

@@ -25,6 +25,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::origin::redacted;
+
 use super::policy::{ConnectPolicy, Purpose, Refusal};
 
 /// Errors carried by bodies.
@@ -207,7 +209,7 @@ impl tower_service::Service<Uri> for PolicyConnector {
             let https = uri.scheme() == Some(&Scheme::HTTPS);
             let host = uri
                 .host()
-                .ok_or_else(|| DialError::NoHost(uri.to_string()))?;
+                .ok_or_else(|| DialError::NoHost(redacted(&uri.to_string())))?;
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             let purpose = policy.purpose_of(host, port, https);
             dial(&policy, host, port, purpose).await.map(TokioIo::new)
@@ -265,7 +267,7 @@ impl Upstream {
     /// Sends `req` (absolute URI, hop-by-hop headers already removed) and returns the answer
     /// with its body streaming and its hop-by-hop headers removed.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
-        let uri = req.uri().to_string();
+        let uri = redacted(&req.uri().to_string());
         let bodyless = hyper::body::Body::is_end_stream(req.body());
         let fut = self.client.request(req);
         let resp = if bodyless {

@@ -20,6 +20,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
+use crate::origin::redacted;
+
 use super::auth::{self, AuthError, Challenge, Credentials, TokenCache, TokenKey};
 use super::manifest::{self, Manifest, ManifestError};
 use super::reference::Reference;
@@ -384,9 +386,9 @@ impl RegistryClient {
         }
         let req = req
             .body(Empty::new())
-            .map_err(|e| RegistryError::Invalid(format!("{url}: {e}")))?;
+            .map_err(|e| RegistryError::Invalid(format!("{}: {e}", redacted(url))))?;
         let unreachable = |reason: String| RegistryError::Unreachable {
-            url: url.to_string(),
+            url: redacted(url),
             reason,
         };
         let work = async {
@@ -411,7 +413,8 @@ impl RegistryClient {
                             break;
                         }
                         return Err(RegistryError::Invalid(format!(
-                            "{url}: response larger than {limit} bytes"
+                            "{}: response larger than {limit} bytes",
+                            redacted(url)
                         )));
                     }
                     buf.extend_from_slice(&data);
@@ -451,7 +454,7 @@ fn status_error(status: StatusCode, url: &str, shown: &str, body: &[u8]) -> Regi
     } else {
         RegistryError::Status {
             status: status.as_u16(),
-            url: url.to_string(),
+            url: redacted(url),
             detail,
         }
     }
