@@ -384,7 +384,8 @@ async fn announce_stored(inner: Arc<Inner>) {
         };
         let announced = async {
             let conn = inner.pool.get(home).await.ok()?;
-            let (mut send, mut recv) = crate::proto::open_control(&conn).await.ok()?;
+            let (mut send, recv) = crate::proto::open_control(&conn).await.ok()?;
+            let mut recv = crate::proto::FrameReader::new(recv);
             let hello = d7q_wire::Control::Hello(d7q_wire::Hello {
                 major: d7q_wire::MAJOR_VERSION,
                 minor: d7q_wire::MINOR_VERSION,
@@ -394,7 +395,8 @@ async fn announce_stored(inner: Arc<Inner>) {
                 capabilities: d7q_wire::Capabilities(d7q_wire::Capabilities::UPLOAD),
             });
             crate::proto::write_msg(&mut send, &hello).await.ok()?;
-            match crate::proto::expect_msg::<d7q_wire::Control>(&mut recv)
+            match recv
+                .expect_within::<d7q_wire::Control>(crate::proto::HELLO_TIMEOUT)
                 .await
                 .ok()?
             {
@@ -407,7 +409,7 @@ async fn announce_stored(inner: Arc<Inner>) {
                 bitmap,
             });
             crate::proto::write_msg(&mut send, &msg).await.ok()?;
-            Some((send, recv))
+            Some((send, recv.into_inner()))
         };
         if let Some((send, recv)) = announced.await {
             *live.presence.lock().expect("presence lock") =

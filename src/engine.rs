@@ -394,7 +394,8 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        let (mut send, mut recv) = proto::open_control(&conn).await.map_err(lost)?;
+        let (mut send, recv) = proto::open_control(&conn).await.map_err(lost)?;
+        let mut recv = proto::FrameReader::new(recv);
         let hello = Control::Hello(Hello {
             major: d7q_wire::MAJOR_VERSION,
             minor: d7q_wire::MINOR_VERSION,
@@ -408,7 +409,9 @@ impl<'a> Engine<'a> {
             }),
         });
         proto::write_msg(&mut send, &hello).await.map_err(lost)?;
-        match proto::expect_msg::<Control>(&mut recv)
+        // A supernode that takes the stream and never answers is as good as gone.
+        match recv
+            .expect_within::<Control>(proto::HELLO_TIMEOUT)
             .await
             .map_err(lost)?
         {
@@ -440,7 +443,7 @@ impl<'a> Engine<'a> {
         let tx = self.events_tx.clone();
         let reader = tokio::spawn(async move {
             loop {
-                let msg = match proto::read_msg::<Control>(&mut recv).await {
+                let msg = match recv.next::<Control>().await {
                     Ok(Some(m)) => Ok(m),
                     Ok(None) => Err("supernode closed the control stream".to_string()),
                     Err(e) => Err(e.to_string()),
@@ -941,9 +944,10 @@ async fn parent_session(
         let conn = transport::connect(&ep, addr)
             .await
             .map_err(|e| e.to_string())?;
-        let (mut send, mut recv) = proto::open_control(&conn)
+        let (mut send, recv) = proto::open_control(&conn)
             .await
             .map_err(|e| e.to_string())?;
+        let mut recv = proto::FrameReader::new(recv);
         let hello = Control::Hello(Hello {
             major: d7q_wire::MAJOR_VERSION,
             minor: d7q_wire::MINOR_VERSION,
@@ -955,7 +959,8 @@ async fn parent_session(
         proto::write_msg(&mut send, &hello)
             .await
             .map_err(|e| e.to_string())?;
-        match proto::expect_msg::<Control>(&mut recv)
+        match recv
+            .expect_within::<Control>(proto::HELLO_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?
         {
@@ -974,7 +979,7 @@ async fn parent_session(
             .await
             .map_err(|_| "engine gone".to_string())?;
         loop {
-            match proto::read_msg::<Control>(&mut recv).await {
+            match recv.next::<Control>().await {
                 Ok(Some(Control::Error(e))) => return Err(e.message),
                 Ok(Some(m)) => {
                     if events.send(Event::Parent(src, m)).await.is_err() {

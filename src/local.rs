@@ -14,13 +14,17 @@
 //! directories nobody else may change ([`check_socket`]); a socket another user planted (under
 //! /tmp, say) is refused with an error. Even then the client verifies what it receives.
 //!
-//! Bounds: [`MAX_REQUEST_LINE`], [`MAX_ANSWER_LINE`], [`MAX_CLIENTS`].
+//! Bounds: [`MAX_REQUEST_LINE`], [`MAX_ANSWER_LINE`], [`MAX_CLIENTS`] (a client over it gets a
+//! `busy` error line, not a silent close), [`REQUEST_LINE_TIMEOUT`] for the request line (a
+//! client that connects and sends nothing, or half a line, loses its connection and its slot),
+//! [`CLIENT_STALL_TIMEOUT`] for each write to a client that stopped reading.
 
 use std::fs::DirBuilder;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -41,6 +45,14 @@ pub const MAX_ANSWER_LINE: usize = 64 << 10;
 pub const MAX_CLIENTS: usize = 256;
 /// Bytes moved per read when content is sent or received over the socket.
 pub const CONTENT_CHUNK: usize = 1 << 20;
+/// Time a client has, from connecting, to send its whole request line. `d7q get` writes it
+/// the moment it connects; the allowance is the mesh's for a first message
+/// ([`crate::proto::REQUEST_TIMEOUT`]).
+pub const REQUEST_LINE_TIMEOUT: Duration = crate::proto::REQUEST_TIMEOUT;
+/// Time one write to a client (an answer line, a chunk of content) may stay blocked because
+/// the client does not read: then the client is dropped and its slot freed. `d7q get` reads as
+/// fast as its disk takes the bytes; a chunk not taken in this long is a client gone quiet.
+pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A download request from a local client.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -189,6 +201,13 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Said, not just closed: the client reports why. A new socket's buffer is empty, so
+            // the line goes out without waiting (and if not, the close says enough).
+            let busy = Answer::Error {
+                code: crate::exit::MESH,
+                message: format!("daemon busy: {MAX_CLIENTS} local clients at once; try again"),
+            };
+            let _ = stream.try_write(&answer_line(&busy));
             continue;
         };
         let handler = handler.clone();
@@ -204,7 +223,18 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
 async fn serve_one(stream: UnixStream, handler: Handler) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
-    let req = match read_line(&mut reader, MAX_REQUEST_LINE).await {
+    let line = tokio::time::timeout(
+        REQUEST_LINE_TIMEOUT,
+        read_line(&mut reader, MAX_REQUEST_LINE),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no whole request line within {REQUEST_LINE_TIMEOUT:?}"),
+        ))
+    });
+    let req = match line {
         Ok(Some(line)) => serde_json::from_slice::<Request>(&line).map_err(|e| e.to_string()),
         Ok(None) => return Ok(()),
         Err(e) => Err(e.to_string()),
@@ -286,8 +316,17 @@ async fn send_content(w: &mut tokio::net::unix::OwnedWriteHalf, c: &Completed) -
         sha256: crate::task::format_digest(&c.sha256),
     };
     write_answer(w, &done).await?;
-    let mut content = BufReader::with_capacity(CONTENT_CHUNK, file.take(c.length));
-    let sent = tokio::io::copy_buf(&mut content, w).await?;
+    let mut content = file.take(c.length);
+    let mut chunk = vec![0u8; CONTENT_CHUNK];
+    let mut sent = 0u64;
+    loop {
+        let n = content.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        stalled(w.write_all(&chunk[..n])).await?;
+        sent += n as u64;
+    }
     if sent != c.length {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -298,9 +337,25 @@ async fn send_content(w: &mut tokio::net::unix::OwnedWriteHalf, c: &Completed) -
 }
 
 async fn write_answer(w: &mut tokio::net::unix::OwnedWriteHalf, a: &Answer) -> io::Result<()> {
+    stalled(w.write_all(&answer_line(a))).await
+}
+
+fn answer_line(a: &Answer) -> Vec<u8> {
     let mut line = serde_json::to_vec(a).expect("answer serializes");
     line.push(b'\n');
-    w.write_all(&line).await
+    line
+}
+
+/// A write to a client, given up after [`CLIENT_STALL_TIMEOUT`] without completing.
+async fn stalled(write: impl std::future::Future<Output = io::Result<()>>) -> io::Result<()> {
+    tokio::time::timeout(CLIENT_STALL_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("client read nothing for {CLIENT_STALL_TIMEOUT:?}"),
+            ))
+        })
 }
 
 /// One line of at most `max` bytes (without its `\n`); `None` at a clean end of stream. A

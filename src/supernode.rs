@@ -446,10 +446,12 @@ impl Inner {
     async fn control_stream(
         self: Arc<Self>,
         mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
+        recv: quinn::RecvStream,
         uploader: &OnceLock<Option<NodeId>>,
     ) -> Result<(), ControlError> {
-        let hello = match proto::expect_msg::<Control>(&mut recv).await? {
+        let mut recv = proto::FrameReader::new(recv);
+        // A member that opens the stream and says nothing loses it within the deadline.
+        let hello = match recv.expect_within::<Control>(proto::HELLO_TIMEOUT).await? {
             Control::Hello(h) => h,
             other => {
                 return Err(ControlError::Protocol(format!(
@@ -502,7 +504,7 @@ impl Inner {
             labels: hello.labels.clone(),
         };
         let result = loop {
-            let msg = match proto::read_msg::<Control>(&mut recv).await {
+            let msg = match recv.next::<Control>().await {
                 Ok(Some(m)) => m,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e.into()),
@@ -935,16 +937,16 @@ impl Inner {
     async fn piece_stream(
         self: Arc<Self>,
         mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
+        recv: quinn::RecvStream,
         gated: Option<NodeId>,
     ) {
-        let req = match tokio::time::timeout(
-            proto::REQUEST_TIMEOUT,
-            proto::expect_msg::<PieceRequest>(&mut recv),
-        )
-        .await
+        // Kept to the end: the request's stream stays open while the answer goes out.
+        let mut recv = proto::FrameReader::new(recv);
+        let req = match recv
+            .expect_within::<PieceRequest>(proto::REQUEST_TIMEOUT)
+            .await
         {
-            Ok(Ok(r)) => r,
+            Ok(r) => r,
             _ => {
                 let _ = send
                     .write_all(&PieceHeader::refuse(PieceStatus::BadRequest).encode())

@@ -106,11 +106,14 @@ pub async fn serve_connection<S: PieceStore>(
 
 async fn control<S: PieceStore>(
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     store: Arc<S>,
     cfg: UploadConfig,
 ) {
-    match proto::expect_msg::<Control>(&mut recv).await {
+    // Read through one cancel-safe reader: the loop below reads inside a `select!`.
+    let mut recv = proto::FrameReader::new(recv);
+    // A peer that opens the stream and says nothing loses it (and the slot it holds).
+    match recv.expect_within::<Control>(proto::HELLO_TIMEOUT).await {
         Ok(Control::Hello(h)) if h.major == d7q_wire::MAJOR_VERSION => {}
         _ => return,
     }
@@ -125,7 +128,7 @@ async fn control<S: PieceStore>(
         return;
     }
     // One subscription per control stream: the child's download.
-    let task = match proto::expect_msg::<Control>(&mut recv).await {
+    let task = match recv.expect_within::<Control>(proto::REQUEST_TIMEOUT).await {
         Ok(Control::Bitmap(b)) => b.task,
         _ => return,
     };
@@ -180,7 +183,7 @@ async fn control<S: PieceStore>(
                     return;
                 }
             }
-            msg = proto::read_msg::<Control>(&mut recv) => {
+            msg = recv.next::<Control>() => {
                 match msg {
                     Ok(Some(_)) => {}
                     _ => return,
@@ -192,17 +195,17 @@ async fn control<S: PieceStore>(
 
 async fn piece<S: PieceStore>(
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     store: Arc<S>,
     cfg: UploadConfig,
 ) {
-    let req = match tokio::time::timeout(
-        proto::REQUEST_TIMEOUT,
-        proto::expect_msg::<PieceRequest>(&mut recv),
-    )
-    .await
+    // Kept to the end: the request's stream stays open while the answer goes out.
+    let mut recv = proto::FrameReader::new(recv);
+    let req = match recv
+        .expect_within::<PieceRequest>(proto::REQUEST_TIMEOUT)
+        .await
     {
-        Ok(Ok(r)) => r,
+        Ok(r) => r,
         _ => {
             let _ = send
                 .write_all(&PieceHeader::refuse(PieceStatus::BadRequest).encode())

@@ -208,7 +208,7 @@ async fn a_client_without_a_certificate_cannot_register() {
             .connect_with(cfg, sn.mesh, MESH_SERVER_NAME)
             .unwrap()
             .await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
+        let (mut send, recv) = conn.open_bi().await?;
         send.write_all(&[d7q_wire::stream_kind::CONTROL]).await.ok();
         let hello = Control::Hello(Hello {
             major: d7q_wire::MAJOR_VERSION,
@@ -227,7 +227,7 @@ async fn a_client_without_a_certificate_cannot_register() {
         });
         let _ = d7q::proto::write_msg(&mut send, &hello).await;
         let _ = d7q::proto::write_msg(&mut send, &register).await;
-        let answer = d7q::proto::read_msg::<Control>(&mut recv).await;
+        let answer = d7q::proto::FrameReader::new(recv).next::<Control>().await;
         Ok::<_, quinn::ConnectionError>((answer.ok().flatten(), conn.closed().await))
     };
     let err = match attempt.await {

@@ -56,7 +56,7 @@ async fn another_major_version_in_the_hello_is_refused() {
     let conn = transport::connect(&ep, sn.mesh)
         .await
         .expect("d7q/1 connects");
-    let (mut send, mut recv) = d7q::proto::open_control(&conn).await.unwrap();
+    let (mut send, recv) = d7q::proto::open_control(&conn).await.unwrap();
     let hello = Control::Hello(Hello {
         major: 2,
         minor: 0,
@@ -66,7 +66,7 @@ async fn another_major_version_in_the_hello_is_refused() {
         capabilities: Capabilities(0),
     });
     d7q::proto::write_msg(&mut send, &hello).await.unwrap();
-    match d7q::proto::expect_msg::<Control>(&mut recv).await {
+    match d7q::proto::FrameReader::new(recv).expect::<Control>().await {
         Ok(Control::Error(e)) => assert_eq!(e.code, ErrorCode::VersionMismatch, "{e:?}"),
         other => panic!("expected a VersionMismatch error, got {other:?}"),
     }

@@ -18,7 +18,8 @@
 //!   registry nobody configured must not vouch for a blob in the mesh.
 //!
 //! Bounds: [`MAX_CONNECTIONS`] client connections (an intercepted or tunnelled CONNECT keeps its
-//! slot until it ends), [`HEADER_READ_TIMEOUT`] per request head, [`TLS_HANDSHAKE_TIMEOUT`],
+//! slot until it ends), [`HEADER_READ_TIMEOUT`] per request head (and for the first bytes of
+//! an intercepted connection, before its HTTP version is known), [`TLS_HANDSHAKE_TIMEOUT`],
 //! [`tunnel::IDLE_TIMEOUT`], [`upstream::CONNECT_TIMEOUT`], [`ca::LEAF_CACHE`].
 //!
 //! Not for: the mesh ([`crate::blobs`] is the interface), registry client logic for `d7q pull`.
@@ -35,7 +36,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -45,6 +48,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -446,6 +450,26 @@ async fn intercept(
             return;
         }
     };
+    // hyper-util tells HTTP/1.1 from HTTP/2 by the first bytes and waits for them with no
+    // deadline (HTTP/1.1's header timeout and HTTP/2's keep-alive start only after), so a
+    // client that finished TLS and sends nothing would hold its slot for good.
+    let mut stream = stream;
+    let head = match tokio::time::timeout(HEADER_READ_TIMEOUT, first_bytes(&mut stream)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(error)) => {
+            debug!(%error, "proxy: intercepted connection ended");
+            return;
+        }
+        Err(_) => {
+            debug!("proxy: no request on an intercepted connection in time");
+            return;
+        }
+    };
+    let stream = Prefixed {
+        head,
+        at: 0,
+        inner: stream,
+    };
     let route = Route {
         target,
         mirror: false,
@@ -472,6 +496,79 @@ async fn intercept(
         .await
     {
         debug!(%error, "proxy: intercepted connection ended");
+    }
+}
+
+/// The HTTP/2 connection preface, which an HTTP/2 client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The first bytes of a connection: until they are the whole HTTP/2 preface, or stop matching
+/// it (an HTTP/1.1 request), or the stream ends. What protocol detection needs, and no more.
+async fn first_bytes<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut head = vec![0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    while filled < head.len() && head[..filled] == H2_PREFACE[..filled] {
+        let n = s.read(&mut head[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    head.truncate(filled);
+    Ok(head)
+}
+
+/// A stream that yields `head` (bytes already read from `inner`) before the rest of `inner`.
+struct Prefixed<S> {
+    head: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.head.len() {
+            let n = (this.head.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.head[this.at..this.at + n]);
+            this.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

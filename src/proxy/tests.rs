@@ -321,3 +321,44 @@ async fn passthrough_ca_health_and_unknown_paths() {
         StatusCode::BAD_REQUEST
     );
 }
+
+/// Protocol detection on an intercepted connection reads what it needs and no more, and gives
+/// it back: an HTTP/1.1 request after its first read, the HTTP/2 preface once whole; a client
+/// that stops inside the preface (or sends nothing) leaves it waiting, which is why `intercept`
+/// runs it under [`HEADER_READ_TIMEOUT`].
+#[tokio::test]
+async fn first_bytes_read_what_detection_needs_within_the_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mut client, mut server) = tokio::io::duplex(1024);
+    client
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n")
+        .await
+        .unwrap();
+    let head = first_bytes(&mut server).await.unwrap();
+    assert!(head.starts_with(b"GET"), "{head:?}");
+    let mut replayed = Prefixed {
+        head,
+        at: 0,
+        inner: server,
+    };
+    drop(client);
+    let mut all = Vec::new();
+    replayed.read_to_end(&mut all).await.unwrap();
+    assert_eq!(all, b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n");
+
+    let (mut client, mut server) = tokio::io::duplex(1024);
+    client.write_all(&H2_PREFACE[..5]).await.unwrap();
+    client.write_all(&H2_PREFACE[5..]).await.unwrap();
+    client.write_all(b"frames").await.unwrap();
+    assert_eq!(first_bytes(&mut server).await.unwrap(), H2_PREFACE);
+
+    for sent in [&H2_PREFACE[..3], b"".as_slice()] {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(sent).await.unwrap();
+        let waited =
+            tokio::time::timeout(Duration::from_millis(200), first_bytes(&mut server)).await;
+        assert!(waited.is_err(), "{sent:?}: {waited:?}");
+        drop(client);
+    }
+}

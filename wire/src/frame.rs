@@ -5,7 +5,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{codec, DecodeError, EncodeError, MAX_MESSAGE_SIZE};
+use crate::{codec, Bounded, DecodeError, EncodeError, MAX_MESSAGE_SIZE};
 
 /// Length of the frame prefix.
 pub const FRAME_HEADER_LEN: usize = 4;
@@ -86,6 +86,19 @@ impl FrameDecoder {
     // Not an `Iterator`: the message type is chosen per call and "need more bytes" is not "end".
     #[allow(clippy::should_implement_trait)]
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        self.take(codec::decode)
+    }
+
+    /// [`FrameDecoder::next`] for bytes from a peer: the message's limits are checked too (see
+    /// [`crate::decode_checked`]) before it is handed out.
+    pub fn next_checked<T: DeserializeOwned + Bounded>(&mut self) -> Result<Option<T>, FrameError> {
+        self.take(crate::decode_checked)
+    }
+
+    fn take<T>(
+        &mut self,
+        decode: impl FnOnce(&[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, FrameError> {
         let rest = &self.buf[self.pos..];
         if rest.len() < FRAME_HEADER_LEN {
             return Ok(None);
@@ -96,7 +109,7 @@ impl FrameDecoder {
         if rest.len() - FRAME_HEADER_LEN < len {
             return Ok(None);
         }
-        let msg = codec::decode(&rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len])?;
+        let msg = decode(&rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len])?;
         self.pos += FRAME_HEADER_LEN + len;
         if self.pos == self.buf.len() {
             // Everything taken: start over without moving a byte.
@@ -104,5 +117,52 @@ impl FrameDecoder {
             self.pos = 0;
         }
         Ok(Some(msg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Capabilities, Control, Hello, Labels, NodeId, MAX_LABEL_LEN};
+
+    /// `next_checked` refuses what `next` lets through: a message that fits the frame but
+    /// breaks a semantic limit (here a label longer than `MAX_LABEL_LEN`).
+    #[test]
+    fn next_checked_refuses_a_message_over_its_limits() {
+        let hello = |dc_len: usize| {
+            Control::Hello(Hello {
+                major: 1,
+                minor: 0,
+                node_id: NodeId([1; 16]),
+                labels: Labels {
+                    dc: "d".repeat(dc_len),
+                    ..Labels::default()
+                },
+                upload_addr: None,
+                capabilities: Capabilities(0),
+            })
+        };
+        let mut bytes = Vec::new();
+        encode_frame(&hello(MAX_LABEL_LEN + 1), &mut bytes).unwrap();
+        let mut loose = FrameDecoder::new();
+        loose.extend(&bytes);
+        assert!(loose.next::<Control>().unwrap().is_some());
+        let mut strict = FrameDecoder::new();
+        strict.extend(&bytes);
+        assert!(matches!(
+            strict.next_checked::<Control>(),
+            Err(FrameError::Decode(DecodeError::Malformed(m))) if m.contains("dc label")
+        ));
+        let mut ok = Vec::new();
+        encode_frame(&hello(MAX_LABEL_LEN), &mut ok).unwrap();
+        let mut strict = FrameDecoder::new();
+        strict.extend(&ok[..3]);
+        assert!(strict.next_checked::<Control>().unwrap().is_none());
+        strict.extend(&ok[3..]);
+        assert_eq!(
+            strict.next_checked::<Control>().unwrap(),
+            Some(hello(MAX_LABEL_LEN))
+        );
+        assert_eq!(strict.buffered(), 0);
     }
 }
