@@ -17,6 +17,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
@@ -44,6 +45,14 @@ pub enum PkiError {
     /// A PEM file held nothing usable.
     #[error("{0}: no certificate or key found in it")]
     Empty(PathBuf),
+    /// A PEM file could not be parsed (a section without its end, bad base64, ...).
+    #[error("{path}: not valid PEM: {reason}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong, in words (the parser's own message shows labels as byte lists).
+        reason: String,
+    },
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -56,6 +65,26 @@ pub enum PkiError {
     /// The client verifier could not be built.
     #[error("TLS client verifier: {0}")]
     Verifier(String),
+}
+
+fn pem_err(path: &Path) -> impl FnOnce(pem::Error) -> PkiError + '_ {
+    move |e| {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let reason = match e {
+            pem::Error::MissingSectionEnd { end_marker } => {
+                format!("\"-----END {}-----\" missing", text(&end_marker))
+            }
+            pem::Error::IllegalSectionStart { line } => {
+                format!("malformed BEGIN line {:?}", text(&line))
+            }
+            pem::Error::Base64Decode(why) => format!("bad base64 ({why})"),
+            other => other.to_string(),
+        };
+        PkiError::Pem {
+            path: path.to_path_buf(),
+            reason,
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
@@ -237,9 +266,11 @@ impl NodeIdentity {
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let ca = load_certs_pem(&ca_pem, &ca_path)?;
         let chain = load_certs_pem(&cert_pem, &cert_path)?;
-        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-            .map_err(io_err(&key_path))?
-            .ok_or_else(|| PkiError::Empty(key_path.clone()))?;
+        let key = match PrivateKeyDer::from_pem_slice(key_pem.as_bytes()) {
+            Ok(key) => key,
+            Err(pem::Error::NoItemsFound) => return Err(PkiError::Empty(key_path)),
+            Err(e) => return Err(pem_err(&key_path)(e)),
+        };
         Ok(Self {
             ca,
             chain,
@@ -294,9 +325,9 @@ impl NodeIdentity {
 
 /// Parses every certificate of a PEM text.
 pub fn load_certs_pem(pem: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(io_err(path))?;
+        .map_err(pem_err(path))?;
     if certs.is_empty() {
         return Err(PkiError::Empty(path.to_path_buf()));
     }
@@ -353,5 +384,67 @@ mod tests {
                 rustls::pki_types::UnixTime::now()
             )
             .is_err());
+    }
+
+    #[test]
+    fn a_broken_or_empty_pem_file_is_named_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        ClusterCa::init(dir.path()).unwrap();
+        let node = dir.path().join("n1");
+        ClusterCa::load(dir.path())
+            .unwrap()
+            .issue("n1")
+            .unwrap()
+            .save(&node)
+            .unwrap();
+        let cert = node.join(NODE_CERT_FILE);
+        let key = node.join(NODE_KEY_FILE);
+        let good_cert = fs::read_to_string(&cert).unwrap();
+        let good_key = fs::read_to_string(&key).unwrap();
+
+        // A certificate cut before its END line.
+        fs::write(&cert, &good_cert[..good_cert.len() / 2]).unwrap();
+        let err = NodeIdentity::load(&node).err().expect("a cut certificate");
+        assert!(
+            matches!(err, PkiError::Pem { ref path, .. } if *path == cert),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(&cert.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("not valid PEM: \"-----END CERTIFICATE-----\" missing"),
+            "{msg}"
+        );
+
+        // A key file with no key in it (a certificate where the key should be).
+        fs::write(&cert, &good_cert).unwrap();
+        fs::write(&key, &good_cert).unwrap();
+        let err = NodeIdentity::load(&node).err().expect("no key");
+        assert!(
+            matches!(err, PkiError::Empty(ref p) if *p == key),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("no certificate or key found"),
+            "{err}"
+        );
+
+        // Bad base64 inside a well-formed key section.
+        let body = good_key.find('\n').unwrap() + 1;
+        let mangled = format!("{}*{}", &good_key[..body], &good_key[body + 1..]);
+        fs::write(&key, mangled).unwrap();
+        let err = NodeIdentity::load(&node).err().expect("bad base64");
+        assert!(
+            matches!(err, PkiError::Pem { ref path, .. } if *path == key),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("bad base64"), "{err}");
+
+        // Restored, it loads again; and a file of no certificates at all is refused by name.
+        fs::write(&key, &good_key).unwrap();
+        NodeIdentity::load(&node).unwrap();
+        let empty = dir.path().join("empty.pem");
+        fs::write(&empty, "").unwrap();
+        assert!(matches!(load_certs_file(&empty), Err(PkiError::Empty(p)) if p == empty));
     }
 }
