@@ -24,8 +24,11 @@
 //! from isolated peers are not.
 //!
 //! Sans-IO: events in through `handle_*`, decisions out through `poll_*`, time passed in. Cost
-//! of [`Swarm::poll_parents`]: one pass over the peers plus a partial selection, so the scale
-//! simulator can drive ten thousand peers. Not for: choosing pieces (that is the peer's
+//! of [`Swarm::poll_parents`]: bounded, whatever the swarm's size. Up to [`CANDIDATE_SAMPLE`]
+//! peers holding pieces, every one is ranked; beyond, a seeded random sample of them is — drawn
+//! first from the asking peer's own zone, then its datacenter, then anywhere, so the local
+//! parents that locality prefers are in it — together with the peer's current parents (so a
+//! good list is kept rather than reshuffled). Labels are compared as interned numbers. Not for: choosing pieces (that is the peer's
 //! [`crate::sched::picker`]), talking to peers.
 
 use std::cmp::Ordering;
@@ -47,6 +50,11 @@ pub const DEFAULT_MAX_CHILDREN_PER_PARENT: usize = 8;
 
 /// Default for [`SwarmConfig::bad_peer_threshold`].
 pub const DEFAULT_BAD_PEER_THRESHOLD: usize = 3;
+
+/// Peers holding pieces above which [`Swarm::poll_parents`] ranks a sample instead of all:
+/// this many from the asking peer's zone, a quarter as many from its datacenter and a quarter
+/// from anywhere.
+pub const CANDIDATE_SAMPLE: usize = 128;
 
 /// Failure points halve over this time, so a peer that recovers is used again.
 pub const PENALTY_HALF_LIFE: Duration = Duration::from_secs(60);
@@ -112,6 +120,13 @@ pub struct Swarm {
     reschedule_queued: HashSet<NodeId>,
     /// Pieces the seed itself holds and serves.
     seed_has: Bits,
+    /// Peers that can be handed out (they serve, hold a piece, are not isolated): all of
+    /// them, by datacenter, and by datacenter and zone.
+    holders: Pool,
+    holders_by_dc: HashMap<u32, Pool>,
+    holders_by_zone: HashMap<(u32, u32), Pool>,
+    /// Label strings as numbers (0: no label), so that ranking compares integers.
+    names: HashMap<String, u32>,
 }
 
 impl Swarm {
@@ -128,6 +143,10 @@ impl Swarm {
             reschedule: VecDeque::new(),
             reschedule_queued: HashSet::new(),
             seed_has: Bits::new(piece_count),
+            holders: Pool::default(),
+            holders_by_dc: HashMap::new(),
+            holders_by_zone: HashMap::new(),
+            names: HashMap::new(),
         }
     }
 
@@ -150,9 +169,16 @@ impl Swarm {
     ) {
         let was_serving = self.serves(peer);
         let (slots, n) = (self.cfg.max_children_per_parent, self.piece_count);
+        let place = Place {
+            dc: self.name(&labels.dc),
+            zone: self.name(&labels.zone),
+            host: self.name(&labels.host),
+        };
         let p = self.peers.entry(peer).or_insert_with(|| Peer {
             addr: None,
             labels: Labels::default(),
+            place,
+            pooled: None,
             has: Bits::new(n),
             has_count: 0,
             parents: Vec::new(),
@@ -165,6 +191,7 @@ impl Swarm {
         });
         p.addr = addr;
         p.labels = labels;
+        p.place = place;
         let is_serving = self.serves(peer);
         if was_serving != is_serving {
             self.count_pieces(peer, is_serving);
@@ -172,6 +199,7 @@ impl Swarm {
         if !is_serving {
             self.drop_children(peer);
         }
+        self.sync_holder(peer);
     }
 
     /// `peer` left: it is no longer handed out, and the slots it held at its parents are free.
@@ -182,6 +210,7 @@ impl Swarm {
         }
         self.drop_children(peer);
         self.release_parents(peer);
+        self.unpool(peer);
         self.peers.remove(&peer);
     }
 
@@ -213,6 +242,7 @@ impl Swarm {
                 }
             }
         }
+        self.sync_holder(peer);
     }
 
     /// `peer` now has `pieces` too.
@@ -221,6 +251,7 @@ impl Swarm {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
+        let had_none = p.has_count == 0;
         for &i in pieces.iter().filter(|&&i| i < self.piece_count) {
             if p.has.set(i) {
                 p.has_count += 1;
@@ -228,6 +259,9 @@ impl Swarm {
                     self.avail[i as usize] += 1;
                 }
             }
+        }
+        if had_none {
+            self.sync_holder(peer);
         }
     }
 
@@ -292,6 +326,11 @@ impl Swarm {
     /// replaces the previous one: the slots that one held are freed, the new ones taken.
     /// Empty for unknown or complete peers.
     pub fn poll_parents(&mut self, peer: NodeId, now: Instant) -> Vec<PeerInfo> {
+        let previous = self
+            .peers
+            .get(&peer)
+            .map(|p| p.parents.clone())
+            .unwrap_or_default();
         self.release_parents(peer);
         let Some(me) = self.peers.get(&peer) else {
             return Vec::new();
@@ -299,18 +338,21 @@ impl Swarm {
         if me.has_count >= self.piece_count {
             return Vec::new();
         }
+        let place = me.place;
+        let ids = self.candidates(place, previous);
+        let me = &self.peers[&peer];
         let salt: u64 = self.rng.gen();
-        let mut cands: Vec<Candidate> = self
-            .peers
-            .iter()
-            .filter(|&(&id, p)| {
-                id != peer && p.addr.is_some() && p.has_count > 0 && !self.isolated.contains(&id)
-            })
-            .map(|(&id, p)| Candidate {
-                id,
-                full: p.children.len() >= p.slots,
-                score: self.score(me, p, now),
-                tie: mix(fold(id) ^ salt),
+        let mut cands: Vec<Candidate> = ids
+            .into_iter()
+            .filter(|id| *id != peer && self.is_holder(*id))
+            .map(|id| {
+                let p = &self.peers[&id];
+                Candidate {
+                    id,
+                    full: p.children.len() >= p.slots,
+                    score: self.score(me, p, now),
+                    tie: mix(fold(id) ^ salt),
+                }
             })
             .collect();
 
@@ -417,6 +459,87 @@ impl Swarm {
         !self.isolated.contains(&peer) && self.peers.get(&peer).is_some_and(|p| p.addr.is_some())
     }
 
+    /// Whether `peer` may be handed out: it serves and holds a piece.
+    fn is_holder(&self, peer: NodeId) -> bool {
+        self.serves(peer) && self.peers.get(&peer).is_some_and(|p| p.has_count > 0)
+    }
+
+    /// The peers to rank for a peer at `place`: every holder in a small swarm; in a large one
+    /// a sample, local first, and `previous` (the peer's last parents). In a fixed order.
+    fn candidates(&mut self, place: Place, previous: Vec<NodeId>) -> Vec<NodeId> {
+        if self.holders.len() <= CANDIDATE_SAMPLE {
+            return self.holders.ids.clone();
+        }
+        let mut ids = previous;
+        let wide = CANDIDATE_SAMPLE / 4;
+        let rng = &mut self.rng;
+        if let Some(pool) = self.holders_by_zone.get(&(place.dc, place.zone)) {
+            pool.sample(CANDIDATE_SAMPLE, rng, &mut ids);
+        }
+        if let Some(pool) = self.holders_by_dc.get(&place.dc) {
+            pool.sample(wide, rng, &mut ids);
+        }
+        self.holders.sample(wide, rng, &mut ids);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Keeps the holder pools in step with `peer`'s state (call after any change to it).
+    fn sync_holder(&mut self, peer: NodeId) {
+        let want = self.is_holder(peer).then(|| self.peers[&peer].place);
+        let have = self.peers.get(&peer).and_then(|p| p.pooled);
+        if want == have {
+            return;
+        }
+        self.unpool(peer);
+        if let Some(place) = want {
+            self.holders.insert(peer);
+            self.holders_by_dc.entry(place.dc).or_default().insert(peer);
+            self.holders_by_zone
+                .entry((place.dc, place.zone))
+                .or_default()
+                .insert(peer);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.pooled = Some(place);
+            }
+        }
+    }
+
+    /// Takes `peer` out of the holder pools.
+    fn unpool(&mut self, peer: NodeId) {
+        let Some(place) = self.peers.get_mut(&peer).and_then(|p| p.pooled.take()) else {
+            return;
+        };
+        self.holders.remove(peer);
+        if let Some(pool) = self.holders_by_dc.get_mut(&place.dc) {
+            pool.remove(peer);
+            if pool.is_empty() {
+                self.holders_by_dc.remove(&place.dc);
+            }
+        }
+        let key = (place.dc, place.zone);
+        if let Some(pool) = self.holders_by_zone.get_mut(&key) {
+            pool.remove(peer);
+            if pool.is_empty() {
+                self.holders_by_zone.remove(&key);
+            }
+        }
+    }
+
+    /// The number of a label string (0 for the empty label).
+    fn name(&mut self, label: &str) -> u32 {
+        if label.is_empty() {
+            return 0;
+        }
+        if let Some(&n) = self.names.get(label) {
+            return n;
+        }
+        let n = self.names.len() as u32 + 1;
+        self.names.insert(label.to_owned(), n);
+        n
+    }
+
     fn isolate(&mut self, peer: NodeId) {
         let was_serving = self.serves(peer);
         if !self.isolated.insert(peer) {
@@ -426,6 +549,7 @@ impl Swarm {
             self.count_pieces(peer, false);
         }
         self.drop_children(peer);
+        self.sync_holder(peer);
     }
 
     /// Adds (or removes) `peer`'s pieces to (from) the availability counts.
@@ -474,7 +598,7 @@ impl Swarm {
     }
 
     fn score(&self, me: &Peer, p: &Peer, now: Instant) -> f64 {
-        let tier = f64::from(locality(&me.labels, &p.labels));
+        let tier = f64::from(me.place.locality(&p.place));
         let spare = if p.slots == 0 {
             0.0
         } else {
@@ -495,7 +619,7 @@ impl Swarm {
     /// datacenter, one that neither the seed nor any peer of `me`'s datacenter has (`local`
     /// caches that union).
     fn helps_from(&self, p: &Peer, me: &Peer, local: &mut Option<Vec<u64>>, now: Instant) -> bool {
-        if !remote(&me.labels, &p.labels) {
+        if !me.place.remote(&p.place) {
             return self.helps(p, me);
         }
         let local = local.get_or_insert_with(|| {
@@ -504,7 +628,7 @@ impl Swarm {
                 // A local peer failing all the time does not count as having anything.
                 let healthy = q.penalty_now(now) < LOCAL_PENALTY_LIMIT;
                 let usable = q.addr.is_some() && !self.isolated.contains(qid);
-                if usable && healthy && !remote(&me.labels, &q.labels) {
+                if usable && healthy && !me.place.remote(&q.place) {
                     have.iter_mut()
                         .zip(q.has.words())
                         .for_each(|(h, &w)| *h |= w);
@@ -537,6 +661,10 @@ impl Swarm {
 struct Peer {
     addr: Option<SocketAddr>,
     labels: Labels,
+    /// The labels as numbers.
+    place: Place,
+    /// The place it is filed under in the holder pools, when it is in them.
+    pooled: Option<Place>,
     has: Bits,
     has_count: u32,
     /// Its current parents, holding one slot each.
@@ -581,25 +709,87 @@ impl Candidate {
     }
 }
 
-/// Whether two peers sit in different datacenters (both labelled, differently).
-fn remote(a: &Labels, b: &Labels) -> bool {
-    !a.dc.is_empty() && !b.dc.is_empty() && a.dc != b.dc
+/// Where a peer sits: its labels as interned numbers, 0 for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Place {
+    dc: u32,
+    zone: u32,
+    host: u32,
 }
 
-/// Locality tier of two label sets: 3 same host, 2 same zone, 1 same datacenter, 0 elsewhere.
-/// Each level counts only if the levels above it agree, and empty labels never match.
-fn locality(a: &Labels, b: &Labels) -> u8 {
-    let dc = a.dc == b.dc;
-    let zone = dc && a.zone == b.zone;
-    let host = zone && a.host == b.host;
-    if host && !a.host.is_empty() {
-        3
-    } else if zone && !a.zone.is_empty() {
-        2
-    } else if dc && !a.dc.is_empty() {
-        1
-    } else {
-        0
+impl Place {
+    /// Whether the two sit in different datacenters (both labelled, differently).
+    fn remote(&self, other: &Place) -> bool {
+        self.dc != 0 && other.dc != 0 && self.dc != other.dc
+    }
+
+    /// Locality tier: 3 same host, 2 same zone, 1 same datacenter, 0 elsewhere. Each level
+    /// counts only if the levels above it agree, and missing labels never match.
+    fn locality(&self, other: &Place) -> u8 {
+        let dc = self.dc == other.dc;
+        let zone = dc && self.zone == other.zone;
+        let host = zone && self.host == other.host;
+        if host && self.host != 0 {
+            3
+        } else if zone && self.zone != 0 {
+            2
+        } else if dc && self.dc != 0 {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// A set of peers that can be sampled at random: a vector and each member's index in it.
+#[derive(Debug, Default)]
+struct Pool {
+    ids: Vec<NodeId>,
+    at: HashMap<NodeId, usize>,
+}
+
+impl Pool {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn insert(&mut self, id: NodeId) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.at.entry(id) {
+            e.insert(self.ids.len());
+            self.ids.push(id);
+        }
+    }
+
+    fn remove(&mut self, id: NodeId) {
+        let Some(i) = self.at.remove(&id) else {
+            return;
+        };
+        self.ids.swap_remove(i);
+        if let Some(&moved) = self.ids.get(i) {
+            self.at.insert(moved, i);
+        }
+    }
+
+    /// Appends `k` distinct members chosen at random to `out` (all of them when there are no
+    /// more than `k`).
+    fn sample(&self, k: usize, rng: &mut StdRng, out: &mut Vec<NodeId>) {
+        let n = self.ids.len();
+        if n <= k {
+            out.extend_from_slice(&self.ids);
+            return;
+        }
+        // Floyd's algorithm: k distinct indices in O(k).
+        let mut picked = HashSet::with_capacity(k);
+        for j in n - k..n {
+            let t = rng.gen_range(0..=j);
+            let i = if picked.insert(t) { t } else { j };
+            picked.insert(i);
+            out.push(self.ids[i]);
+        }
     }
 }
 
@@ -639,6 +829,24 @@ mod tests {
             zone: zone.into(),
             host: host.into(),
         }
+    }
+
+    /// Locality tier of two label sets, from the strings.
+    fn locality(a: &Labels, b: &Labels) -> u8 {
+        let mut s = Swarm::new(1, SwarmConfig::default());
+        let (pa, pb) = (
+            Place {
+                dc: s.name(&a.dc),
+                zone: s.name(&a.zone),
+                host: s.name(&a.host),
+            },
+            Place {
+                dc: s.name(&b.dc),
+                zone: s.name(&b.zone),
+                host: s.name(&b.host),
+            },
+        );
+        pa.locality(&pb)
     }
 
     fn ids(list: &[PeerInfo]) -> Vec<NodeId> {

@@ -26,7 +26,9 @@
 //! per availability count, with a summary word per 64 words; typical polls touch a few words
 //! even at 65,536 pieces. Endgame scans only the requests in flight.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use d7q_wire::Bitmap;
 use rand::rngs::StdRng;
@@ -96,8 +98,8 @@ pub struct PiecePicker {
     /// Pieces that may be requested now (digest known, not done, not in flight), by index…
     open: Bits,
     /// …and the same pieces by rank, one set per availability count.
-    levels: Vec<RankSet>,
-    sources: HashMap<SourceId, Source>,
+    levels: Levels,
+    sources: FxHashMap<SourceId, Source>,
     read_pos: Option<u32>,
     cancels: VecDeque<(SourceId, u32)>,
     /// Orders requests, so that endgame duplicates the oldest.
@@ -126,8 +128,8 @@ impl PiecePicker {
             holders: vec![[None, None]; n],
             in_flight_pieces: 0,
             open: Bits::new(piece_count),
-            levels: vec![RankSet::new(piece_count)],
-            sources: HashMap::new(),
+            levels: Levels::new(piece_count),
+            sources: FxHashMap::default(),
             read_pos: None,
             cancels: VecDeque::new(),
             next_seq: 0,
@@ -341,18 +343,15 @@ impl PiecePicker {
     /// The first open piece in the seeded order that `source` alone has.
     fn sole_pick(&self, source: &Source) -> Option<u32> {
         self.levels
-            .get(1)
-            .and_then(|level| level.first_common(&source.has))
+            .first_common(1, &source.has)
             .map(|r| self.piece_at[r as usize])
     }
 
     /// The rarest open piece `source` has, first in the seeded order among equals.
     fn rarest_pick(&self, source: &Source) -> Option<u32> {
-        self.levels
-            .iter()
-            .skip(1)
-            .filter(|level| level.len > 0)
-            .find_map(|level| level.first_common(&source.has))
+        (1..self.levels.count())
+            .filter(|&a| self.levels.len(a) > 0)
+            .find_map(|a| self.levels.first_common(a, &source.has))
             .map(|r| self.piece_at[r as usize])
     }
 
@@ -428,10 +427,10 @@ impl PiecePicker {
         let (r, a) = (self.rank[iu], self.avail[iu] as usize);
         if want {
             self.open.set(i);
-            self.level_mut(a).insert(r);
+            self.levels.insert(a, r);
         } else {
             self.open.clear(i);
-            self.levels[a].remove(r);
+            self.levels.remove(a, r);
         }
     }
 
@@ -439,17 +438,10 @@ impl PiecePicker {
         let iu = i as usize;
         if self.open.test(i) {
             let r = self.rank[iu];
-            self.levels[self.avail[iu] as usize].remove(r);
-            self.level_mut(a as usize).insert(r);
+            self.levels.remove(self.avail[iu] as usize, r);
+            self.levels.insert(a as usize, r);
         }
         self.avail[iu] = a;
-    }
-
-    fn level_mut(&mut self, a: usize) -> &mut RankSet {
-        while self.levels.len() <= a {
-            self.levels.push(RankSet::new(self.count));
-        }
-        &mut self.levels[a]
     }
 }
 
@@ -547,52 +539,88 @@ impl Bits {
     }
 }
 
-/// A bitset with one summary bit per non-empty word, so that "the first member that is also
-/// in that other set" skips empty stretches 4096 bits at a time.
+/// The open pieces by rank, one set per availability count, all in one allocation (the scan
+/// for the rarest piece a source has walks them in order, so they sit side by side in memory).
+/// Each set has one summary bit per non-empty word, so that "the first member that is also in
+/// that other set" skips empty stretches 4096 bits at a time.
 #[derive(Debug)]
-struct RankSet {
+struct Levels {
+    /// Words per set.
+    wpl: usize,
+    /// Summary words per set.
+    spl: usize,
     words: Vec<u64>,
     summary: Vec<u64>,
-    len: u32,
+    /// Members of each set.
+    lens: Vec<u32>,
 }
 
-impl RankSet {
+impl Levels {
+    /// Sets for ranks below `len`; one (availability 0) to begin with.
     fn new(len: u32) -> Self {
-        let words = len.div_ceil(64) as usize;
+        let wpl = len.div_ceil(64) as usize;
+        let spl = wpl.div_ceil(64);
         Self {
-            words: vec![0; words],
-            summary: vec![0; words.div_ceil(64)],
-            len: 0,
+            wpl,
+            spl,
+            words: vec![0; wpl],
+            summary: vec![0; spl],
+            lens: vec![0],
         }
     }
 
-    fn insert(&mut self, r: u32) {
+    /// Sets so far (availability counts seen, plus one).
+    fn count(&self) -> usize {
+        self.lens.len()
+    }
+
+    fn len(&self, a: usize) -> u32 {
+        self.lens.get(a).copied().unwrap_or(0)
+    }
+
+    fn insert(&mut self, a: usize, r: u32) {
+        while self.lens.len() <= a {
+            self.lens.push(0);
+            self.words.resize(self.words.len() + self.wpl, 0);
+            self.summary.resize(self.summary.len() + self.spl, 0);
+        }
         let w = (r / 64) as usize;
-        if self.words[w] & (1 << (r % 64)) == 0 {
-            self.words[w] |= 1 << (r % 64);
-            self.summary[w / 64] |= 1 << (w % 64);
-            self.len += 1;
+        let word = &mut self.words[a * self.wpl + w];
+        if *word & (1 << (r % 64)) == 0 {
+            *word |= 1 << (r % 64);
+            self.summary[a * self.spl + w / 64] |= 1 << (w % 64);
+            self.lens[a] += 1;
         }
     }
 
-    fn remove(&mut self, r: u32) {
+    fn remove(&mut self, a: usize, r: u32) {
+        if a >= self.lens.len() {
+            return;
+        }
         let w = (r / 64) as usize;
-        if self.words[w] & (1 << (r % 64)) != 0 {
-            self.words[w] &= !(1 << (r % 64));
-            if self.words[w] == 0 {
-                self.summary[w / 64] &= !(1 << (w % 64));
+        let word = &mut self.words[a * self.wpl + w];
+        if *word & (1 << (r % 64)) != 0 {
+            *word &= !(1 << (r % 64));
+            if *word == 0 {
+                self.summary[a * self.spl + w / 64] &= !(1 << (w % 64));
             }
-            self.len -= 1;
+            self.lens[a] -= 1;
         }
     }
 
-    fn first_common(&self, other: &Bits) -> Option<u32> {
-        for (si, &s) in self.summary.iter().enumerate() {
+    /// The first rank in set `a` that is also in `other`.
+    fn first_common(&self, a: usize, other: &Bits) -> Option<u32> {
+        if a >= self.lens.len() {
+            return None;
+        }
+        let words = &self.words[a * self.wpl..(a + 1) * self.wpl];
+        let summary = &self.summary[a * self.spl..(a + 1) * self.spl];
+        for (si, &s) in summary.iter().enumerate() {
             let mut s = s;
             while s != 0 {
                 let wi = si * 64 + s.trailing_zeros() as usize;
                 s &= s - 1;
-                let both = self.words[wi] & other.words()[wi];
+                let both = words[wi] & other.words()[wi];
                 if both != 0 {
                     return Some(wi as u32 * 64 + both.trailing_zeros());
                 }
