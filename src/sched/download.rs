@@ -258,6 +258,10 @@ pub struct Download {
     /// When paused sources may be asked again (entries whose source's pause changed since
     /// are stale).
     pause_ends: BinaryHeap<Reverse<(Instant, SourceId)>>,
+    /// What [`Download::poll_timeout`] answered last, while nothing has changed since
+    /// (`None`: to be worked out). Most events in a swarm change nothing, and the driver asks
+    /// after each.
+    next_timeout: Option<Option<Instant>>,
     finished: bool,
     /// A failure is queued: nothing more is asked until the seed is replaced (a lost seed) or
     /// ever (any other failure).
@@ -348,6 +352,7 @@ impl Download {
             dirty_all: true,
             dirty: Vec::new(),
             ready_parents: 0,
+            next_timeout: None,
             pause_ends: BinaryHeap::new(),
             finished: false,
             failing: false,
@@ -358,6 +363,7 @@ impl Download {
     /// count as done (stored before, verified against these very digests): the driver
     /// announces them.
     pub fn handle_digests(&mut self, first: u32, digests: &[Sha256]) -> Result<Vec<u32>, Failure> {
+        self.next_timeout = None;
         self.dirty_all = true;
         let mut resumed_now = Vec::new();
         for (k, digest) in digests.iter().enumerate() {
@@ -393,6 +399,7 @@ impl Download {
 
     /// The seed confirmed the whole content's SHA-256.
     pub fn handle_complete(&mut self, sha256: Sha256) -> Result<(), Failure> {
+        self.next_timeout = None;
         if self.complete.is_some_and(|old| old != sha256) {
             return Err(changed());
         }
@@ -403,6 +410,7 @@ impl Download {
     /// The supernode's latest parent list: new parents are connected (up to the limit; never
     /// ourselves, a banned node, or one we already have).
     pub fn handle_parents(&mut self, list: &[PeerInfo]) {
+        self.next_timeout = None;
         for info in list.iter().take(self.cfg.max_parents) {
             if info.node_id == self.cfg.node_id
                 || self.banned.contains(&info.node_id)
@@ -433,6 +441,7 @@ impl Download {
 
     /// Parent `src` is connected and subscribed: it may be asked for what it announces.
     pub fn handle_parent_ready(&mut self, src: SourceId) {
+        self.next_timeout = None;
         self.dirty_all = true;
         if let Some(p) = self.parents.get_mut(&src) {
             if !std::mem::replace(&mut p.ready, true) {
@@ -444,6 +453,7 @@ impl Download {
     /// `src` has exactly the pieces in `bitmap`. Ignored for unknown sources and bitmaps of
     /// the wrong length.
     pub fn handle_bitmap(&mut self, src: SourceId, bitmap: &Bitmap) {
+        self.next_timeout = None;
         if self.parents.contains_key(&src) && bitmap.len() == self.piece_count {
             self.picker.handle_source_bitmap(src, bitmap);
             self.mark(src);
@@ -451,24 +461,30 @@ impl Download {
     }
 
     /// `src` now has `pieces`.
+    ///
+    /// Pieces verified here already are not even recorded: nothing this machine decides
+    /// depends on who else has them, and they are most announcements in a swarm, where every
+    /// piece reaches a peer from each of its parents. Such a Have costs one bit test.
     pub fn handle_have(&mut self, src: SourceId, pieces: &[u32]) {
+        let n = self.piece_count;
+        let mut new = pieces.iter().filter(|&&i| i < n && !self.done.test(i));
+        let Some(&first) = new.next() else {
+            return;
+        };
         if !self.parents.contains_key(&src) {
             return;
         }
-        let mut news = false;
-        for &i in pieces.iter().filter(|&&i| i < self.piece_count) {
+        self.next_timeout = None;
+        self.picker.handle_source_have(src, first);
+        for &i in new {
             self.picker.handle_source_have(src, i);
-            news |= !self.done.test(i);
         }
-        // A piece already here gives nothing new to ask for: most announcements, in a swarm
-        // where every piece reaches a peer from many parents.
-        if news {
-            self.mark(src);
-        }
+        self.mark(src);
     }
 
     /// Parent `src` went away (connection lost, stream ended, it said no).
     pub fn handle_parent_gone(&mut self, src: SourceId) {
+        self.next_timeout = None;
         self.dirty_all = true;
         self.drop_parent(src, false);
     }
@@ -476,6 +492,7 @@ impl Download {
     /// The seed is gone: its requests are void and its offer withdrawn; what was verified
     /// stays. A new seed is attached with [`Download::handle_seed_attached`].
     pub fn handle_seed_lost(&mut self) {
+        self.next_timeout = None;
         self.dirty_all = true;
         self.seed_attached = false;
         // Decisions about the old seed are void (its other requests failed too).
@@ -496,12 +513,14 @@ impl Download {
 
     /// A (new) seed is attached: it offers pieces as it publishes their digests.
     pub fn handle_seed_attached(&mut self) {
+        self.next_timeout = None;
         self.dirty_all = true;
         self.seed_attached = true;
     }
 
     /// Where a streaming consumer reads, as a byte offset; `None` when nobody streams.
     pub fn set_read_position(&mut self, pos: Option<u64>) {
+        self.next_timeout = None;
         self.dirty_all = true;
         let piece = u64::from(self.piece_size.max(1));
         self.picker
@@ -518,6 +537,7 @@ impl Download {
         result: Result<(), PieceFailure>,
         now: Instant,
     ) -> Option<Delivery> {
+        self.next_timeout = None;
         self.deadlines.remove(&(src, index))?;
         match result {
             Ok(()) => {
@@ -544,6 +564,7 @@ impl Download {
     /// Requests past their deadline fail as timeouts; pieces the seed withheld are offered
     /// again.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.next_timeout = None;
         self.dirty_all = true;
         while let Some(&Reverse((at, src))) = self.pause_ends.peek() {
             if at > now {
@@ -588,6 +609,9 @@ impl Download {
 
     /// When to call [`Download::handle_timeout`] next.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        if let Some(known) = self.next_timeout {
+            return known;
+        }
         // Drop stale timer entries so the answer is a real deadline.
         while let Some(&Reverse((at, src, i))) = self.timers.peek() {
             if self.deadlines.get(&(src, i)) == Some(&at) {
@@ -604,7 +628,9 @@ impl Download {
         let timer = self.timers.peek().map(|r| r.0 .0);
         let reoffer = self.reoffer.peek().map(|r| r.0 .0);
         let pause = self.pause_ends.peek().map(|r| r.0 .0);
-        [timer, reoffer, pause].into_iter().flatten().min()
+        let next = [timer, reoffer, pause].into_iter().flatten().min();
+        self.next_timeout = Some(next);
+        next
     }
 
     fn pause_mut(&mut self, src: SourceId) -> Option<&mut Pause> {
@@ -624,6 +650,12 @@ impl Download {
         if self.finished || self.failing {
             return None;
         }
+        let nothing_new = !self.dirty_all && self.dirty.is_empty() && !self.picker.has_cancels();
+        if nothing_new && !(self.picker.is_complete() && self.complete.is_some()) {
+            // No source to ask, nothing to cancel or finish: what the last call left stands.
+            return None;
+        }
+        self.next_timeout = None;
         while let Some((src, index)) = self.picker.poll_cancel() {
             self.mark(src);
             if self.deadlines.remove(&(src, index)).is_some() {

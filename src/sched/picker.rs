@@ -272,6 +272,11 @@ impl PiecePicker {
         self.cancels.pop_front()
     }
 
+    /// Whether [`poll_cancel`](Self::poll_cancel) has something.
+    pub fn has_cancels(&self) -> bool {
+        !self.cancels.is_empty()
+    }
+
     /// Requests outstanding at `src`.
     pub fn in_flight(&self, src: SourceId) -> usize {
         self.sources.get(&src).map_or(0, |s| s.in_flight.len())
