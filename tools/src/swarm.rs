@@ -105,6 +105,10 @@ pub struct Args {
     /// Upload and download rate of every peer's link, Mbit/s (10^6 bit/s).
     #[arg(long, default_value_t = 200)]
     link_mbit: u64,
+    /// Every peer's download, Mbit/s, when it differs from its upload (BENCH.md's fleet: 50 up,
+    /// 500 down); default: --link-mbit.
+    #[arg(long)]
+    peer_down_mbit: Option<u64>,
     /// The origin's link, Mbit/s; default: --link-mbit.
     #[arg(long)]
     origin_mbit: Option<u64>,
@@ -169,6 +173,10 @@ pub fn run(args: &Args) -> Result<()> {
     ensure!(args.size_mib > 0, "--size-mib must be at least 1");
     ensure!(args.reps > 0, "--reps must be at least 1");
     ensure!(args.link_mbit > 0, "--link-mbit must be at least 1");
+    ensure!(
+        args.peer_down_mbit != Some(0),
+        "--peer-down-mbit must be at least 1"
+    );
     ensure!(!args.peers.is_empty(), "--peers needs at least one count");
     for &n in &args.peers {
         ensure!(
@@ -261,7 +269,10 @@ pub fn run(args: &Args) -> Result<()> {
 struct LinkRates {
     origin_bps: u64,
     supernode_bps: u64,
+    /// A peer's upload.
     peer_bps: u64,
+    /// A peer's download.
+    peer_down_bps: u64,
 }
 
 impl LinkRates {
@@ -271,6 +282,7 @@ impl LinkRates {
             origin_bps: bps(args.origin_mbit.unwrap_or(args.link_mbit)),
             supernode_bps: bps(args.supernode_mbit.unwrap_or(args.link_mbit)),
             peer_bps: bps(args.link_mbit),
+            peer_down_bps: bps(args.peer_down_mbit.unwrap_or(args.link_mbit)),
         }
     }
 }
@@ -304,7 +316,7 @@ impl Model {
             r.supernode_bps as f64,
             r.supernode_bps as f64,
             r.peer_bps as f64,
-            r.peer_bps as f64,
+            r.peer_down_bps as f64,
         );
         let n_f = n as f64;
         let terms = [
@@ -586,6 +598,7 @@ async fn bench(
         .collect();
     let slowest_link = rates
         .peer_bps
+        .min(rates.peer_down_bps)
         .min(rates.origin_bps)
         .min(rates.supernode_bps);
     Ok(Report {
@@ -706,7 +719,10 @@ impl Ctx {
         nodes.extend((1..=n).map(|i| NodeSpec {
             name: format!("p{i}"),
             host: FIRST_PEER_HOST + (i - 1) as u8,
-            rates: both(self.rates.peer_bps),
+            rates: Rates {
+                up_bps: self.rates.peer_bps,
+                down_bps: self.rates.peer_down_bps,
+            },
         }));
         nodes
     }
@@ -1467,10 +1483,11 @@ fn print_table(r: &Report) {
     let mbit = |bps: u64| bps / 1_000_000;
     println!();
     println!(
-        "swarm (BENCH.md rows a, b): {} MiB; links: peers {} Mbit/s, origin {}, supernode {} \
-         (up = down, tbf, queue {} ms, MTU {}); {} rounds",
+        "swarm (BENCH.md rows a, b): {} MiB; links: peers {} Mbit/s up, {} down, origin {}, \
+         supernode {} (up = down, tbf, queue {} ms, MTU {}); {} rounds",
         r.file_bytes >> 20,
         mbit(r.links.peer_bps),
+        mbit(r.links.peer_down_bps),
         mbit(r.links.origin_bps),
         mbit(r.links.supernode_bps),
         r.tbf.queue_ms,
@@ -1584,6 +1601,7 @@ mod tests {
             origin_bps: origin,
             supernode_bps: supernode,
             peer_bps: peer,
+            peer_down_bps: peer,
         }
     }
 
