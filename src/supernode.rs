@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,9 @@ struct Inner {
     tasks_dir: PathBuf,
     tasks: Mutex<HashMap<TaskId, Arc<SeedTask>>>,
     uploads: Semaphore,
+    /// Copies the seed gates of all tasks let through and not yet ended: the seed's slots are
+    /// shared by its tasks ([`SeedGate::handle_request_among`]).
+    seed_copies: std::sync::atomic::AtomicU32,
     ingests: Semaphore,
     origin_limiter: RateLimiter,
     metrics: Arc<Metrics>,
@@ -296,6 +300,7 @@ impl Supernode {
             tasks_dir,
             tasks: Mutex::new(HashMap::new()),
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            seed_copies: std::sync::atomic::AtomicU32::new(0),
             ingests: Semaphore::new(MAX_CONCURRENT_INGESTS),
             origin_limiter: RateLimiter::new(cfg.origin_rate),
             metrics: cfg.metrics.clone(),
@@ -964,6 +969,7 @@ impl Inner {
 
     /// Tells the task's seed gate how a copy it let through ended.
     fn gate_sent(&self, req: PieceRequest, delivered: bool) {
+        self.seed_copy_ended();
         let task = self
             .tasks
             .lock()
@@ -974,6 +980,13 @@ impl Inner {
             let now = Instant::now();
             task.with_sched(|s| s.gate.handle_sent(req.index, delivered, now));
         }
+    }
+
+    /// One copy a seed gate let through ended, however.
+    fn seed_copy_ended(&self) {
+        let _ = self
+            .seed_copies
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Reads a piece for a request; `gated` names an uploading requester, whom the seed may
@@ -1013,7 +1026,15 @@ impl Inner {
             let now = Instant::now();
             let decision = task.with_sched(|s| {
                 let holders = s.swarm.availability(req.index);
-                s.gate.handle_request(requester, req.index, holders, now)
+                let all = self.seed_copies.load(Ordering::Relaxed);
+                let elsewhere = all.saturating_sub(s.gate.in_flight());
+                let d = s
+                    .gate
+                    .handle_request_among(requester, req.index, holders, elsewhere, now);
+                if d.serves() {
+                    self.seed_copies.fetch_add(1, Ordering::Relaxed);
+                }
+                d
             });
             if let Some(d) = decision {
                 self.metrics.seed_decisions(d).inc();
@@ -1031,6 +1052,7 @@ impl Inner {
             if passed {
                 let now = Instant::now();
                 task.with_sched(|s| s.gate.handle_sent(req.index, false, now));
+                self.seed_copy_ended();
             }
             (PieceHeader::refuse(status), None, false)
         };

@@ -346,6 +346,9 @@ struct World<'a> {
     now: u64,
     seq: u64,
     heap: BinaryHeap<Sched>,
+    /// Copies the seed gates of all blobs let through and not yet ended (the seed's slots are
+    /// shared by its tasks, as the supernode's are).
+    seed_copies: u32,
     net: Net,
     hosts: Vec<Host>,
     tasks: Vec<TaskState>,
@@ -750,6 +753,7 @@ impl<'a> World<'a> {
             now: 0,
             seq: 0,
             heap: BinaryHeap::new(),
+            seed_copies: 0,
             net,
             hosts,
             tasks,
@@ -1027,6 +1031,7 @@ impl<'a> World<'a> {
                 self.tasks[task as usize]
                     .gate
                     .handle_sent(piece, delivered, now);
+                self.seed_copies -= 1;
                 self.counters.machine_calls += 1;
                 self.release(rid);
             }
@@ -1271,7 +1276,13 @@ impl<'a> World<'a> {
         }
         let ts = &mut self.tasks[t as usize];
         let holders = ts.swarm.availability(piece);
-        let d = ts.gate.handle_request(node, piece, holders, now);
+        let elsewhere = self.seed_copies - ts.gate.in_flight();
+        let d = ts
+            .gate
+            .handle_request_among(node, piece, holders, elsewhere, now);
+        if d.serves() {
+            self.seed_copies += 1;
+        }
         self.counters.machine_calls += 1;
         self.counters.decisions += 1;
         if holders > 0 {
@@ -1524,6 +1535,7 @@ impl<'a> World<'a> {
             self.count_sent(s, sent);
             if gate {
                 self.tasks[t as usize].gate.handle_sent(piece, false, now);
+                self.seed_copies -= 1;
                 self.counters.machine_calls += 1;
             }
             self.release(rid); // the flow's
