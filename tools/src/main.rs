@@ -31,6 +31,7 @@ mod origin;
 mod pullbench;
 mod sim;
 mod swarm;
+mod torrent;
 mod transfer;
 mod util;
 mod wan;

@@ -301,7 +301,8 @@ fn shape(ns: &str, dev: &str, bps: u64, queue_ms: u64) -> Result<()> {
     .map(drop)
 }
 
-fn address(host: u8) -> Ipv4Addr {
+/// The address of the node with last octet `host` (what [`Topology::addr`] answers for it).
+pub fn address(host: u8) -> Ipv4Addr {
     Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], host)
 }
 

@@ -1,31 +1,40 @@
 //! Rows a and b of BENCH.md: N peers fetch one file over rate-limited links, through the mesh and
-//! straight from the origin, between real network namespaces.
+//! straight from the origin, between real network namespaces; with `--aria2`, row e too: the same
+//! peers as a BitTorrent swarm.
 //!
 //! Each round, for each N, builds a fresh topology ([`netns`]): namespaces for the origin, the
 //! supernode and N peers, each joined to a bridge by a veth pair with `tbf` shaping its upload and
 //! its download, MTU 1500. The origin (`d7q-bench origin`, a [`d7q::devserver::DevServer`])
-//! serves the file over HTTPS from its namespace. Then two runs, alternating which goes first
-//! from round to round:
+//! serves the file over HTTPS from its namespace. Then two runs (three with `--aria2`), in one
+//! order in odd rounds and the reverse in even ones:
 //!
 //! - **mesh**: a fresh `d7q supernode` (empty store) and N fresh `d7q daemon`s, one per peer
 //!   namespace; once all are ready, every peer starts `d7q get` through its daemon at once. The
 //!   origin is reached only by the supernode, on the first request.
 //! - **direct**: every peer starts `d7q-bench https-get` (hyper + rustls over TCP, hashing and
 //!   fsyncing as `d7q get` does) straight from the origin at once.
+//! - **torrent** (`--aria2`, [`torrent`]): an `opentracker` and an `aria2c` seed in the
+//!   supernode's namespace — the seed, unlike the mesh's supernode, starts with the file — and
+//!   every peer starts `aria2c` on a `.torrent` with the mesh's piece size at once; each keeps
+//!   seeding until all are done.
 //!
-//! A peer's time runs from the moment the clients are started to its client's exit; a run's time
-//! is its slowest peer's. Outside the timing every output is hashed and checked. Origin egress is
-//! counted by the origin (body bytes) and by its link (Ethernet bytes); bytes by source come from
-//! the daemons' `/metrics`; link bytes and queue drops from the kernel; machine CPU from
-//! `/proc/stat`.
+//! A peer's time runs from the moment the clients are started to its client's exit (for
+//! `aria2c`, which keeps running, to the stamp its download-complete hook writes: no fsync and no
+//! whole-file hash in it, which `d7q get` pays); a run's time is its slowest peer's. Outside the
+//! timing every output is hashed and checked. Origin egress is counted by the origin (body bytes)
+//! and by its link (Ethernet bytes); bytes by source come from the daemons' `/metrics`; link
+//! bytes and queue drops from the kernel; machine CPU from `/proc/stat`.
 //!
 //! The references, from the link rates as `tbf` enforces them (Ethernet frames, so about 5% of
 //! each rate is headers for either protocol): the Kumar–Ross bound with the supernode as the seed,
 //! `T_min = max(F/u_s, F/min(u_o, d_s), F/min d_i, N·F/(u_s + Σu_i))` — its own upload, and the
 //! origin→supernode link it is fed through — and serving directly,
-//! `T_direct = max(N·F/u_o, F/min d_i)`. The ideal speedup is `T_direct / T_min`.
+//! `T_direct = max(N·F/u_o, F/min d_i)`. The ideal speedup is `T_direct / T_min`. The torrent's
+//! seed needs no inflow, so its bound drops the second term (the same `T_min` unless the origin's
+//! link is slower than the supernode's).
 //!
-//! Not measured here: loss and delay (row d; this kernel has no netem), BitTorrent (row e).
+//! Not measured here: loss and delay (row d; this kernel has no netem), so row e only without
+//! loss; BitTorrent clients other than aria2.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -40,6 +49,7 @@ use tokio::task::JoinSet;
 
 use crate::netns::{self, LinkCounters, NodeSpec, Rates, TbfParams, Topology};
 use crate::origin::Stats;
+use crate::torrent;
 use crate::util::{self, CpuTimes, Spread, TempDir};
 
 /// Row a: the mesh's speedup over direct downloads, as a share of the ideal speedup.
@@ -48,6 +58,8 @@ pub const BAR_SPEEDUP: f64 = 0.8;
 pub const BAR_EGRESS: f64 = 1.05;
 /// Row b: the Kumar–Ross bound over the slowest peer's time.
 pub const BAR_BOUND: f64 = 0.85;
+/// Row e: the mesh's slowest peer over the torrent's, below this ("faster than aria2").
+pub const BAR_OVER_TORRENT: f64 = 1.0;
 
 /// The most peers a topology holds (addresses 10..=209 of the /24).
 const MAX_PEERS: usize = 200;
@@ -77,9 +89,6 @@ const IDLE_SAMPLE: Duration = Duration::from_secs(2);
 
 /// How often a mesh run asks the origin how much it has sent.
 const ORIGIN_POLL: Duration = Duration::from_millis(100);
-
-/// Lines of a log shown with an error.
-const LOG_TAIL_LINES: usize = 15;
 
 /// Head room kept free beyond the benchmark's own files.
 const DISK_MARGIN: u64 = 512 << 20;
@@ -115,7 +124,7 @@ pub struct Args {
     /// The supernode's link, Mbit/s; default: --link-mbit.
     #[arg(long)]
     supernode_mbit: Option<u64>,
-    /// Rounds; each runs mesh and direct once for every N.
+    /// Rounds; each runs mesh and direct (and torrent, with --aria2) once for every N.
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Queue of every shaped link, as tbf's latency, in milliseconds.
@@ -154,6 +163,11 @@ pub struct Args {
     /// The origin speaks HTTP/1.1 only (default: it offers h2 too, and the supernode takes it).
     #[arg(long)]
     origin_http1: bool,
+    /// Also run row e's baseline each round: the same peers as an aria2c BitTorrent swarm
+    /// (opentracker, the mesh's piece size, the seed on the supernode's link); needs the Debian
+    /// packages aria2, opentracker and mktorrent.
+    #[arg(long)]
+    aria2: bool,
     /// Only remove what an interrupted run left: its namespaces and the processes in them.
     #[arg(long)]
     cleanup: bool,
@@ -188,6 +202,7 @@ pub fn run(args: &Args) -> Result<()> {
         is_root()?,
         "network namespaces need root (run with sudo or as root)"
     );
+    let tools = args.aria2.then(torrent::Tools::find).transpose()?;
     let bytes = args.size_mib << 20;
     let rates = LinkRates::from_args(args);
     let max_n = args.peers.iter().copied().max().unwrap_or(1) as u64;
@@ -216,8 +231,14 @@ pub fn run(args: &Args) -> Result<()> {
         .iter()
         .map(|&n| {
             let m = Model::new(bytes, n, &rates);
-            // Direct, mesh at about the bound, and some seconds of set-up and checking.
-            m.t_direct_s + 1.3 * m.t_min_s + 5.0 + 0.3 * n as f64
+            // Direct, mesh (and torrent) at about the bound, and some seconds of set-up and
+            // checking.
+            let torrent = if args.aria2 {
+                1.5 * m.t_min_s + 3.0
+            } else {
+                0.0
+            };
+            m.t_direct_s + 1.3 * m.t_min_s + torrent + 5.0 + 0.3 * n as f64
         })
         .sum::<f64>()
         * args.reps as f64;
@@ -237,7 +258,7 @@ pub fn run(args: &Args) -> Result<()> {
     let result = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = bench(args, &d7q, bytes, rates, tmp.path()) => r,
+            r = bench(args, &d7q, tools, bytes, rates, tmp.path()) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
             _ = term.recv() => Err(anyhow!("terminated")),
         }
@@ -302,6 +323,9 @@ struct Model {
     t_min_s: f64,
     /// Which term it is.
     binding: &'static str,
+    /// The bound for a seed that starts with the file (the torrent's): `t_min_s` without the
+    /// inflow term.
+    t_min_seeded_s: f64,
     /// max(N·F/u_o, F/min d_i): the origin serving every peer itself.
     t_direct_s: f64,
     /// `t_direct_s / t_min_s`.
@@ -331,6 +355,7 @@ impl Model {
                 .copied()
                 .fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a });
         let t_direct_s = (n_f * f / uo).max(f / d);
+        let t_min_seeded_s = terms[0].1.max(terms[2].1).max(terms[3].1);
         Self {
             seed_upload_s: terms[0].1,
             seed_inflow_s: terms[1].1,
@@ -338,6 +363,7 @@ impl Model {
             total_upload_s: terms[3].1,
             t_min_s,
             binding,
+            t_min_seeded_s,
             t_direct_s,
             ideal_speedup: t_direct_s / t_min_s,
         }
@@ -350,6 +376,22 @@ struct Bars {
     speedup_over_ideal: f64,
     origin_egress_over_f: f64,
     t_min_over_t: f64,
+    /// With `--aria2`: [`BAR_OVER_TORRENT`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mesh_over_torrent_below: Option<f64>,
+}
+
+/// How the torrent runs were made, for the record.
+#[derive(Debug, Serialize)]
+struct TorrentInfo {
+    /// `aria2c --version`, first line.
+    aria2: String,
+    /// The metainfo: the mesh's piece size, the tracker, the info hash.
+    torrent: torrent::Torrent,
+    /// Where the seed and the tracker run, and how the seed differs from the mesh's supernode.
+    seed: &'static str,
+    /// The clients' settings.
+    clients: &'static str,
 }
 
 /// The JSON result.
@@ -378,6 +420,9 @@ struct Report {
     load_average: [Option<f64>; 2],
     elapsed_s: f64,
     unix_time: u64,
+    /// With `--aria2`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    torrent: Option<TorrentInfo>,
     results: Vec<PeersResult>,
 }
 
@@ -418,8 +463,33 @@ struct PeersResult {
     pass_speedup: bool,
     pass_egress: bool,
     pass_bound: bool,
+    /// With `--aria2`, the torrent runs' figures.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    torrent_summary: Option<TorrentSummary>,
     mesh: Vec<MeshRun>,
     direct: Vec<DirectRun>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    torrent: Vec<TorrentRun>,
+}
+
+/// The torrent runs of one N.
+#[derive(Debug, Serialize)]
+struct TorrentSummary {
+    /// Slowest peer's time of each torrent run.
+    torrent_slowest_s: Spread,
+    torrent_median_peer_s: Spread,
+    /// Per round: mesh slowest / torrent slowest. Bar: median < [`BAR_OVER_TORRENT`].
+    mesh_over_torrent: Spread,
+    /// Per torrent run: the seed's bound (`model.t_min_seeded_s`) / slowest.
+    torrent_t_min_over_t: Spread,
+    /// Per torrent run: the supernode's link bytes sent / F (the seed's upload; the tracker's
+    /// few bytes are in it).
+    torrent_seed_up_over_f: Spread,
+    torrent_up_drops: Spread,
+    torrent_down_drops: Spread,
+    cpu_busy_cores_torrent: Spread,
+    cpu_ours_cores_torrent: Spread,
+    pass_faster_than_aria2: bool,
 }
 
 /// One mesh run.
@@ -469,6 +539,26 @@ struct DirectRun {
     cpu_ours_cores: f64,
 }
 
+/// One torrent run.
+#[derive(Debug, Serialize)]
+struct TorrentRun {
+    round: usize,
+    /// Its place in the round's order, 1 = first.
+    position: usize,
+    busy_before_cores: f64,
+    /// Each peer's time, start of all clients to its download-complete hook's stamp.
+    peer_secs: Vec<f64>,
+    slowest_s: f64,
+    median_peer_s: f64,
+    traffic: Traffic,
+    /// CPU seconds (user + system) of the peers' `aria2c`s together, the seed's, the tracker's.
+    peers_cpu_s: f64,
+    seed_cpu_s: f64,
+    tracker_cpu_s: f64,
+    /// As in [`MeshRun`].
+    cpu_ours_cores: f64,
+}
+
 /// What crossed the links during a run (first client started to last one done).
 #[derive(Debug, Serialize)]
 struct Traffic {
@@ -493,6 +583,30 @@ struct Traffic {
     links: BTreeMap<String, LinkCounters>,
 }
 
+/// The runs of one N, round by round.
+type RoundRuns = (Vec<MeshRun>, Vec<DirectRun>, Vec<TorrentRun>);
+
+/// The kinds of run a round holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunKind {
+    Mesh,
+    Direct,
+    Torrent,
+}
+
+/// The order of a round's runs: mesh, direct (, torrent) in odd rounds, reversed in even ones,
+/// so a drift in the machine's load weighs on every kind alike over two rounds.
+fn run_order(round: usize, torrent: bool) -> Vec<RunKind> {
+    let mut order = vec![RunKind::Mesh, RunKind::Direct];
+    if torrent {
+        order.push(RunKind::Torrent);
+    }
+    if round % 2 == 0 {
+        order.reverse();
+    }
+    order
+}
+
 /// Fixed for the whole benchmark.
 struct Ctx {
     d7q: PathBuf,
@@ -510,11 +624,15 @@ struct Ctx {
     idle_wait: Duration,
     idle_cores: f64,
     origin_http1: bool,
+    /// With `--aria2`: the programs and the `.torrent` (made once: the file and the tracker's
+    /// address are the same every round).
+    torrent: Option<(torrent::Tools, torrent::Torrent)>,
 }
 
 async fn bench(
     args: &Args,
     d7q: &Path,
+    tools: Option<torrent::Tools>,
     bytes: u64,
     rates: LinkRates,
     tmp: &Path,
@@ -531,11 +649,17 @@ async fn bench(
     let origin_root = tmp.join("origin");
     std::fs::create_dir(&origin_root)?;
     eprintln!("generating {} MiB of test data", bytes >> 20);
-    let digest = util::write_random_file(
-        &origin_root.join(BLOB_PATH.trim_start_matches('/')),
-        bytes,
-        args.seed,
-    )?;
+    let blob = origin_root.join(BLOB_PATH.trim_start_matches('/'));
+    let digest = util::write_random_file(&blob, bytes, args.seed)?;
+    let torrent = match tools {
+        Some(tools) => {
+            let tracker = netns::address(SUPERNODE_HOST);
+            let t =
+                torrent::Torrent::make(&tools, &blob, tracker, &tmp.join("blob.torrent")).await?;
+            Some((tools, t))
+        }
+        None => None,
+    };
 
     let pki = tmp.join("pki");
     let cluster = pki.join("cluster");
@@ -568,31 +692,34 @@ async fn bench(
         idle_wait: Duration::from_secs(args.idle_wait_secs),
         idle_cores: args.idle_cores,
         origin_http1: args.origin_http1,
+        torrent,
     };
     let load_before = util::load_average();
-    let mut runs: HashMap<usize, (Vec<MeshRun>, Vec<DirectRun>)> = HashMap::new();
+    let mut runs: HashMap<usize, RoundRuns> = HashMap::new();
     for round in 1..=args.reps {
         for &n in &args.peers {
-            let (mesh, direct) = ctx
+            let (mesh, direct, torrent) = ctx
                 .round(n, round, args.reps)
                 .await
                 .with_context(|| format!("round {round}, N = {n}"))?;
             let entry = runs.entry(n).or_default();
             entry.0.push(mesh);
             entry.1.push(direct);
+            entry.2.extend(torrent);
         }
     }
     let results = args
         .peers
         .iter()
         .filter_map(|n| {
-            let (mesh, direct) = runs.remove(n)?;
+            let (mesh, direct, torrent) = runs.remove(n)?;
             Some(summarize(
                 *n,
                 bytes,
                 Model::new(bytes, *n, &rates),
                 mesh,
                 direct,
+                torrent,
             ))
         })
         .collect();
@@ -601,9 +728,19 @@ async fn bench(
         .min(rates.peer_down_bps)
         .min(rates.origin_bps)
         .min(rates.supernode_bps);
+    let torrent = ctx.torrent.as_ref().map(|(tools, t)| TorrentInfo {
+        aria2: tools.aria2_version.clone(),
+        torrent: t.clone(),
+        seed: "aria2c and opentracker in the supernode's namespace (the supernode's link); the \
+               seed starts with the file, where the mesh's supernode fetches it from the origin \
+               during the run, so its bound is t_min_seeded_s",
+        clients: "aria2c per peer, all started at once: DHT and LPD off, peer exchange on, no \
+                  upload limit, --file-allocation=none, --seed-ratio=0.0 (seeding until every \
+                  peer is done); otherwise aria2's defaults",
+    });
     Ok(Report {
         benchmark: "swarm",
-        rows: "a, b",
+        rows: if torrent.is_some() { "a, b, e" } else { "a, b" },
         file_bytes: bytes,
         links: rates,
         origin_http2: !args.origin_http1,
@@ -613,8 +750,13 @@ async fn bench(
             burst_bytes_min: netns::burst_bytes(slowest_link),
         },
         rounds: args.reps,
-        order: "each round: for each N a fresh topology and origin, then mesh and direct \
-                (mesh first in odd rounds, direct first in even ones)",
+        order: if torrent.is_some() {
+            "each round: for each N a fresh topology and origin, then mesh, direct and torrent \
+             (in that order in odd rounds, reversed in even ones)"
+        } else {
+            "each round: for each N a fresh topology and origin, then mesh and direct \
+             (mesh first in odd rounds, direct first in even ones)"
+        },
         bound: "seed = the supernode: u_s = its upload; its inflow min(origin upload, supernode \
                 download) bounds it too; u_i = d_i = the peers' link rate; rates as tbf \
                 enforces them (Ethernet frames, headers included)",
@@ -622,6 +764,7 @@ async fn bench(
             speedup_over_ideal: BAR_SPEEDUP,
             origin_egress_over_f: BAR_EGRESS,
             t_min_over_t: BAR_BOUND,
+            mesh_over_torrent_below: torrent.is_some().then_some(BAR_OVER_TORRENT),
         },
         tmp_dir: tmp.display().to_string(),
         d7q_binary: d7q.display().to_string(),
@@ -632,14 +775,21 @@ async fn bench(
         unix_time: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        torrent,
         results,
     })
 }
 
 impl Ctx {
-    /// One round for one N: a fresh topology and origin, the mesh run and the direct run.
-    /// With `--keep-logs`, every process's log is kept whether the round succeeded or not.
-    async fn round(&self, n: usize, round: usize, rounds: usize) -> Result<(MeshRun, DirectRun)> {
+    /// One round for one N: a fresh topology and origin, the mesh run, the direct run and, with
+    /// `--aria2`, the torrent run. With `--keep-logs`, every process's log is kept whether the
+    /// round succeeded or not.
+    async fn round(
+        &self,
+        n: usize,
+        round: usize,
+        rounds: usize,
+    ) -> Result<(MeshRun, DirectRun, Option<TorrentRun>)> {
         let dir = self.tmp.join("round");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir)?;
@@ -660,7 +810,7 @@ impl Ctx {
         round: usize,
         rounds: usize,
         dir: &Path,
-    ) -> Result<(MeshRun, DirectRun)> {
+    ) -> Result<(MeshRun, DirectRun, Option<TorrentRun>)> {
         let dir = dir.to_path_buf();
         let mut topo = Topology::build(self.nodes(n), self.queue_ms)?;
         let mut origin = OriginProc::start(self, &topo, &dir).await?;
@@ -669,33 +819,46 @@ impl Ctx {
             || Duration::from_secs_f64(model.t_direct_s * TIMEOUT_FACTOR) + TIMEOUT_SLACK,
             Duration::from_secs,
         );
-        let mesh_first = round % 2 == 1;
-        let (mesh, direct) = if mesh_first {
-            let m = self.mesh(n, &topo, &mut origin, &dir, timeout).await?;
-            log_mesh(round, rounds, n, &m, &model, self.bytes);
-            let d = self.direct(n, &topo, &mut origin, &dir, timeout).await?;
-            log_direct(round, rounds, n, &d, &model);
-            (m, d)
-        } else {
-            let d = self.direct(n, &topo, &mut origin, &dir, timeout).await?;
-            log_direct(round, rounds, n, &d, &model);
-            let m = self.mesh(n, &topo, &mut origin, &dir, timeout).await?;
-            log_mesh(round, rounds, n, &m, &model, self.bytes);
-            (m, d)
-        };
+        let order = run_order(round, self.torrent.is_some());
+        let (mut mesh, mut direct, mut torrent) = (None, None, None);
+        for (i, kind) in order.iter().enumerate() {
+            match kind {
+                RunKind::Mesh => {
+                    let m = self.mesh(n, &topo, &mut origin, &dir, timeout).await?;
+                    log_mesh(round, rounds, n, &m, &model, self.bytes);
+                    mesh = Some(m);
+                }
+                RunKind::Direct => {
+                    let d = self.direct(n, &topo, &mut origin, &dir, timeout).await?;
+                    log_direct(round, rounds, n, &d, &model);
+                    direct = Some(d);
+                }
+                RunKind::Torrent => {
+                    let t = self.torrent(n, &topo, &mut origin, &dir, timeout).await?;
+                    log_torrent(round, rounds, n, &t, &model, self.bytes);
+                    torrent = Some(TorrentRun {
+                        round,
+                        position: i + 1,
+                        ..t
+                    });
+                }
+            }
+        }
         origin.stop().await;
         topo.teardown()?;
+        let mesh_first = order[0] == RunKind::Mesh;
         Ok((
             MeshRun {
                 round,
                 first: mesh_first,
-                ..mesh
+                ..mesh.context("no mesh run")?
             },
             DirectRun {
                 round,
                 first: !mesh_first,
-                ..direct
+                ..direct.context("no direct run")?
             },
+            torrent,
         ))
     }
 
@@ -827,8 +990,8 @@ impl Ctx {
         let failure_context = |i: usize| {
             format!(
                 "{}\n{}",
-                log_tail(&dir.join(format!("p{i}/daemon.log")), "its daemon"),
-                log_tail(&sn_log, "the supernode")
+                util::log_tail(&dir.join(format!("p{i}/daemon.log")), "its daemon"),
+                util::log_tail(&sn_log, "the supernode")
             )
         };
         let outputs = (1..=n).map(|i| dir.join(format!("p{i}/out.bin"))).collect();
@@ -896,7 +1059,7 @@ impl Ctx {
         let (times, clients_cpu) = done?;
         let origin_log = origin.log.clone();
         self.check_outputs("https-get", &times, outputs, |_| {
-            log_tail(&origin_log, "the origin")
+            util::log_tail(&origin_log, "the origin")
         })
         .await?;
         let peer_secs: Vec<f64> = times.iter().map(|t| t.0).collect();
@@ -915,6 +1078,56 @@ impl Ctx {
         })
     }
 
+    /// The torrent run: a tracker and a seed holding the file in the supernode's namespace, then
+    /// N `aria2c`s at once, each seeding on until the last is done.
+    async fn torrent(
+        &self,
+        n: usize,
+        topo: &Topology,
+        origin: &mut OriginProc,
+        round_dir: &Path,
+        timeout: Duration,
+    ) -> Result<TorrentRun> {
+        let (tools, meta) = self
+            .torrent
+            .as_ref()
+            .context("a torrent run without --aria2")?;
+        let dir = round_dir.join("torrent");
+        std::fs::create_dir(&dir)?;
+        let blob = self.origin_root.join(BLOB_PATH.trim_start_matches('/'));
+        let sn = topo.addr(SUPERNODE)?;
+        let mut seeded =
+            torrent::Seeded::start(tools, meta, SUPERNODE, sn, &blob, &dir, &self.bench).await?;
+        let nodes: Vec<String> = (1..=n).map(|i| format!("p{i}")).collect();
+        let busy_before_cores = self.wait_idle().await?;
+        let before = Snapshot::take(topo, origin).await?;
+        let mut peers = torrent::Peers::start(tools, meta, &nodes, &dir)?;
+        let done = peers.wait_done(&mut seeded, timeout).await;
+        let after = Snapshot::take(topo, origin).await;
+        let peers_cpu_s = peers.cpu_s();
+        let (seed_cpu_s, tracker_cpu_s) = seeded.cpu_s();
+        peers.stop().await;
+        seeded.stop().await;
+        let (peer_secs, after) = (done?, after?);
+        self.check_files("aria2c", peers.outputs()).await?;
+        let traffic = after.traffic_since(&before, n);
+        let slowest_s = max(&peer_secs);
+        let ours = peers_cpu_s + seed_cpu_s + tracker_cpu_s + traffic.origin_cpu_s;
+        Ok(TorrentRun {
+            round: 0,
+            position: 0,
+            busy_before_cores,
+            slowest_s,
+            median_peer_s: Spread::of(&peer_secs).map_or(f64::NAN, |s| s.median),
+            peer_secs,
+            traffic,
+            peers_cpu_s,
+            seed_cpu_s,
+            tracker_cpu_s,
+            cpu_ours_cores: ours / slowest_s,
+        })
+    }
+
     /// Every client succeeded and wrote the file; the outputs are hashed here, then removed.
     async fn check_outputs(
         &self,
@@ -927,6 +1140,11 @@ impl Ctx {
             util::check_success(&format!("{what} in p{}", i + 1), out)
                 .map_err(|e| e.context(context(i + 1)))?;
         }
+        self.check_files(what, outputs).await
+    }
+
+    /// Every output, p1 first, is the file: hashed here, then removed.
+    async fn check_files(&self, what: &str, outputs: Vec<PathBuf>) -> Result<()> {
         let mut hashes = JoinSet::new();
         for (i, path) in outputs.into_iter().enumerate() {
             hashes.spawn_blocking(move || {
@@ -1023,7 +1241,7 @@ impl OriginProc {
         let base = line
             .as_deref()
             .and_then(|l| l.strip_prefix("ready "))
-            .with_context(|| format!("origin said {line:?}; {}", log_tail(&log, "its log")))?
+            .with_context(|| format!("origin said {line:?}; {}", util::log_tail(&log, "its log")))?
             .trim_end_matches('/')
             .to_owned();
         Ok(Self {
@@ -1221,7 +1439,7 @@ async fn spawn_ready(mut cmd: Command, log: &Path, what: &str) -> Result<(Child,
         Ok(Ok(Some(line))) => line,
         Ok(Ok(None)) => bail!(
             "{what} exited before it was ready\n{}",
-            log_tail(log, "log")
+            util::log_tail(log, "log")
         ),
         Ok(Err(e)) => return Err(e.context(format!("reading {what}'s stdout"))),
         Err(_) => bail!("{what} not ready within {READY_TIMEOUT:?}"),
@@ -1315,14 +1533,6 @@ async fn d7q_cmd(d7q: &Path, args: &[&str], paths: &[&Path]) -> Result<()> {
     util::check_success(&format!("d7q {}", args.join(" ")), &out.output)
 }
 
-/// The last lines of a log, for an error message.
-fn log_tail(path: &Path, what: &str) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
-    format!("{what} ({}), last lines:\n{tail}", path.display())
-}
-
 /// Copies every `*.log` under `dir` (two levels) to `dest`, named by their path with `/` as `-`.
 fn copy_logs(dir: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest)?;
@@ -1372,8 +1582,49 @@ fn summarize(
     model: Model,
     mesh: Vec<MeshRun>,
     direct: Vec<DirectRun>,
+    torrent: Vec<TorrentRun>,
 ) -> PeersResult {
     let spread = |v: Vec<f64>| Spread::of(&v).expect("at least one round");
+    let torrent_summary = (!torrent.is_empty()).then(|| {
+        let mesh_over_torrent = spread(
+            torrent
+                .iter()
+                .filter_map(|t| {
+                    let m = mesh.iter().find(|m| m.round == t.round)?;
+                    Some(m.slowest_s / t.slowest_s)
+                })
+                .collect(),
+        );
+        TorrentSummary {
+            torrent_slowest_s: spread(torrent.iter().map(|t| t.slowest_s).collect()),
+            torrent_median_peer_s: spread(torrent.iter().map(|t| t.median_peer_s).collect()),
+            pass_faster_than_aria2: mesh_over_torrent.median < BAR_OVER_TORRENT,
+            mesh_over_torrent,
+            torrent_t_min_over_t: spread(
+                torrent
+                    .iter()
+                    .map(|t| model.t_min_seeded_s / t.slowest_s)
+                    .collect(),
+            ),
+            torrent_seed_up_over_f: spread(
+                torrent
+                    .iter()
+                    .map(|t| t.traffic.supernode_link_up_bytes as f64 / bytes as f64)
+                    .collect(),
+            ),
+            torrent_up_drops: spread(torrent.iter().map(|t| t.traffic.up_drops as f64).collect()),
+            torrent_down_drops: spread(
+                torrent
+                    .iter()
+                    .map(|t| t.traffic.down_drops as f64)
+                    .collect(),
+            ),
+            cpu_busy_cores_torrent: spread(
+                torrent.iter().map(|t| t.traffic.cpu_busy_cores).collect(),
+            ),
+            cpu_ours_cores_torrent: spread(torrent.iter().map(|t| t.cpu_ours_cores).collect()),
+        }
+    });
     let f = bytes as f64;
     // Rounds pair one mesh run with one direct run.
     let speedups: Vec<f64> = mesh
@@ -1437,9 +1688,11 @@ fn summarize(
         cpu_ours_cores_mesh: spread(mesh.iter().map(|m| m.cpu_ours_cores).collect()),
         cpu_ours_cores_direct: spread(direct.iter().map(|d| d.cpu_ours_cores).collect()),
         cpu_busy_cores_direct: spread(direct.iter().map(|d| d.traffic.cpu_busy_cores).collect()),
+        torrent_summary,
         model,
         mesh,
         direct,
+        torrent,
     }
 }
 
@@ -1479,12 +1732,29 @@ fn log_direct(round: usize, rounds: usize, n: usize, d: &DirectRun, model: &Mode
     );
 }
 
+fn log_torrent(round: usize, rounds: usize, n: usize, t: &TorrentRun, model: &Model, bytes: u64) {
+    eprintln!(
+        "round {round}/{rounds} N={n:<3} aria2  slowest {:7.2} s (median peer {:7.2} s)  \
+         T_min/T {:.2}  seed sent {:.2} F  drops {}/{}  CPU {:.2} cores ({:.2} ours, {:.2} before)",
+        t.slowest_s,
+        t.median_peer_s,
+        model.t_min_seeded_s / t.slowest_s,
+        t.traffic.supernode_link_up_bytes as f64 / bytes as f64,
+        t.traffic.up_drops,
+        t.traffic.down_drops,
+        t.traffic.cpu_busy_cores,
+        t.cpu_ours_cores,
+        t.busy_before_cores
+    );
+}
+
 fn print_table(r: &Report) {
     let mbit = |bps: u64| bps / 1_000_000;
     println!();
     println!(
-        "swarm (BENCH.md rows a, b): {} MiB; links: peers {} Mbit/s up, {} down, origin {}, \
+        "swarm (BENCH.md rows {}): {} MiB; links: peers {} Mbit/s up, {} down, origin {}, \
          supernode {} (up = down, tbf, queue {} ms, MTU {}); {} rounds",
+        r.rows,
         r.file_bytes >> 20,
         mbit(r.links.peer_bps),
         mbit(r.links.peer_down_bps),
@@ -1587,9 +1857,66 @@ fn print_table(r: &Report) {
          elapsed {:.0} s",
         r.cpus, r.elapsed_s
     );
+    if let Some(info) = &r.torrent {
+        print_torrent_table(r, info);
+    }
     if let [Some(before), Some(after)] = r.load_average {
         println!("load average {before:.2} before, {after:.2} after");
     }
+}
+
+/// Row e: the torrent runs next to the mesh and direct ones.
+fn print_torrent_table(r: &Report, info: &TorrentInfo) {
+    let range = |s: &Spread| format!("{:.1} ({:.1}..{:.1})", s.median, s.min, s.max);
+    let verdict = |ok: bool| if ok { "ok" } else { "FAIL" };
+    println!();
+    println!(
+        "{:>3} {:>8} {:>21} {:>21} {:>21} {:>16} {:>13} {:>10} {:>13} {:>12}",
+        "N",
+        "T_min s",
+        "mesh slowest s",
+        "direct slowest s",
+        "aria2 slowest s",
+        "mesh/aria2<1",
+        "aria2 T_min/T",
+        "seed up/F",
+        "drops up/down",
+        "CPU aria2"
+    );
+    for p in &r.results {
+        let Some(t) = &p.torrent_summary else {
+            continue;
+        };
+        println!(
+            "{:>3} {:>8.2} {:>21} {:>21} {:>21} {:>11.2} {:<4} {:>13.2} {:>10.2} {:>13} {:>12}",
+            p.peers,
+            p.model.t_min_seeded_s,
+            range(&p.mesh_slowest_s),
+            range(&p.direct_slowest_s),
+            range(&t.torrent_slowest_s),
+            t.mesh_over_torrent.median,
+            verdict(t.pass_faster_than_aria2),
+            t.torrent_t_min_over_t.median,
+            t.torrent_seed_up_over_f.median,
+            format!(
+                "{:.0}/{:.0}",
+                t.torrent_up_drops.median, t.torrent_down_drops.median
+            ),
+            format!(
+                "{:.2} ({:.2})",
+                t.cpu_busy_cores_torrent.median, t.cpu_ours_cores_torrent.median
+            ),
+        );
+    }
+    println!(
+        "aria2 (BENCH.md row e): {}, opentracker, piece size {} KiB as the mesh's; its seed, on \
+         the supernode's link, starts with the file (the mesh's supernode fetches it during the \
+         run), so T_min here is the seed's bound (no inflow term). mesh/aria2: per round, the \
+         mesh's slowest peer over aria2's (below 1: the mesh is faster); seed up/F: the \
+         supernode's link bytes sent over F",
+        info.aria2,
+        info.torrent.piece_size >> 10
+    );
 }
 
 #[cfg(test)]
@@ -1631,6 +1958,34 @@ mod tests {
         );
         assert_eq!(m.binding, "F/min(u_o,d_s)");
         assert!((m.seed_inflow_s - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_seed_that_starts_with_the_file_drops_only_the_inflow_term() {
+        // A slow origin binds the mesh's bound, not the torrent's.
+        let m = Model::new(
+            12_500_000,
+            4,
+            &rates(50_000_000, 1_000_000_000, 100_000_000),
+        );
+        assert!((m.t_min_s - 2.0).abs() < 1e-9);
+        assert!((m.t_min_seeded_s - 1.0).abs() < 1e-9);
+        // Otherwise both are the same.
+        let m = Model::new(
+            12_500_000,
+            8,
+            &rates(1_000_000_000, 100_000_000, 50_000_000),
+        );
+        assert_eq!(m.t_min_s, m.t_min_seeded_s);
+    }
+
+    #[test]
+    fn rounds_alternate_the_order_of_their_runs() {
+        use RunKind::*;
+        assert_eq!(run_order(1, false), [Mesh, Direct]);
+        assert_eq!(run_order(2, false), [Direct, Mesh]);
+        assert_eq!(run_order(3, true), [Mesh, Direct, Torrent]);
+        assert_eq!(run_order(4, true), [Torrent, Direct, Mesh]);
     }
 
     #[test]

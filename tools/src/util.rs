@@ -22,6 +22,9 @@ const USER_HZ: f64 = 100.0;
 /// Bytes of test data generated and written, or read and hashed, at a time.
 const FILL_CHUNK: usize = 4 << 20;
 
+/// Lines of a log shown with an error.
+const LOG_TAIL_LINES: usize = 15;
+
 /// CPU time in seconds, user and system.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct CpuTimes {
@@ -114,6 +117,14 @@ pub fn check_success(what: &str, output: &Output) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The last lines of a log, for an error message: `what (path), last lines:` and the lines.
+pub fn log_tail(path: &Path, what: &str) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+    format!("{what} ({}), last lines:\n{tail}", path.display())
 }
 
 /// The binary `name` next to the running executable (both live in `target/release`).
