@@ -328,12 +328,17 @@ fn mirror_target(proxy: &Proxy, query: Option<&str>) -> Option<Target> {
 }
 
 /// `%XX` escapes decoded; `None` for a bad escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let (bytes, mut out, mut i) = (s.as_bytes(), Vec::with_capacity(s.len()), 0);
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Two hex digits, checked as such: `from_str_radix` alone takes a sign too, and
+            // would read `%+f` as the byte 0x0f.
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -345,7 +350,7 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// `host[:port]` (an `https://` prefix and a trailing `/` tolerated), host names checked as the
 /// `--registry` patterns are.
-fn parse_upstream(s: &str) -> Option<Authority> {
+pub(crate) fn parse_upstream(s: &str) -> Option<Authority> {
     let s = s.trim();
     let s = s
         .strip_prefix("https://")

@@ -362,3 +362,18 @@ async fn first_bytes_read_what_detection_needs_within_the_deadline() {
         drop(client);
     }
 }
+
+/// An escape is `%` and exactly two hex digits: `u8::from_str_radix` alone also takes a sign,
+/// and read containerd's `ns` value `%+f` as the byte 0x0f. Found while writing the
+/// `proxy_paths` fuzz target; its input is in `fuzz/regressions/proxy_paths/`.
+#[test]
+fn percent_escapes_are_two_hex_digits() {
+    assert_eq!(
+        percent_decode("registry.example%3A5000").as_deref(),
+        Some("registry.example:5000")
+    );
+    assert_eq!(percent_decode("%41%e2%82%ac").as_deref(), Some("A€"));
+    for bad in ["%+f", "%+3A5000", "%-1", "%4", "%zz", "%e2%82"] {
+        assert_eq!(percent_decode(bad), None, "{bad:?}");
+    }
+}
