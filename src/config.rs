@@ -444,7 +444,7 @@ impl ConfigFile {
         Ok(())
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -649,7 +649,7 @@ pub fn parse_registry(s: &str) -> Result<String, UnitError> {
         None => (t.as_str(), None),
     };
     if let Some(p) = port {
-        if p.parse::<u16>().map_or(true, |p| p == 0) {
+        if parse_port(p).is_none() {
             return Err(UnitError::Registry);
         }
     }
@@ -665,6 +665,16 @@ pub fn parse_registry(s: &str) -> Result<String, UnitError> {
         return Err(UnitError::Registry);
     }
     Ok(t)
+}
+
+/// A TCP port as a rule or an authority writes it: ASCII digits only, 1 to 65535. `u16`'s own
+/// parser also takes a sign, which made `127.0.0.1:+43` a host *name* rule of `--proxy-allow`
+/// (the address form refuses the sign) and `registry.test:+5000` an intercept pattern.
+pub fn parse_port(s: &str) -> Option<u16> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok().filter(|&p| p != 0)
 }
 
 /// The socket of the system's daemon (root's default).
@@ -1525,11 +1535,16 @@ dir = "proxy-ca"
             "r.test/v2",
             "r.test:0",
             "r.test:x",
+            "r.test:+5000",
             "*",
             "a..b",
             "-a.b",
         ] {
             assert_eq!(parse_registry(s), Err(UnitError::Registry), "{s:?}");
+        }
+        assert_eq!(parse_port("5000"), Some(5000));
+        for p in ["", "0", "+5000", " 5000", "65536", "5e3"] {
+            assert_eq!(parse_port(p), None, "{p:?}");
         }
     }
 

@@ -142,7 +142,7 @@ impl ConnectPolicy {
     ) -> Self {
         let rule_ports = registries
             .iter()
-            .filter_map(|p| p.rsplit_once(':')?.1.parse().ok())
+            .filter_map(|p| crate::config::parse_port(p.rsplit_once(':')?.1))
             .collect();
         Self {
             registries: Rules::new(registries),
@@ -298,7 +298,7 @@ impl FromStr for Allow {
             });
         }
         let (host, port) = t.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+        let port = crate::config::parse_port(port).ok_or_else(bad)?;
         if host == "*" {
             return Ok(Allow::Name { host: None, port });
         }
@@ -562,6 +562,9 @@ mod tests {
             "127.0.0.0/33",
             "::1/129",
             "1.2.3.4:0",
+            // Found by the proxy_paths fuzz target: a signed port made this a host-name rule.
+            "127.0.0.1:+43",
+            "registry.corp:+5000",
             "https://x:443",
             "x/8",
         ] {

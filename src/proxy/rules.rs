@@ -5,7 +5,7 @@
 
 use d7q_wire::Sha256;
 
-use crate::task;
+use crate::{config, task};
 
 /// The intercept rules: the daemon's `--registry` patterns (`host`, `host:port`, `*.domain`,
 /// `*.domain:port`), already validated by [`crate::config::parse_registry`].
@@ -31,7 +31,7 @@ impl Rules {
             .filter_map(|p| {
                 let p = p.trim().to_ascii_lowercase();
                 let (host, port) = match p.rsplit_once(':') {
-                    Some((h, port)) => (h.to_string(), Some(port.parse().ok()?)),
+                    Some((h, port)) => (h.to_string(), Some(config::parse_port(port)?)),
                     None => (p, None),
                 };
                 let (host, wildcard) = match host.strip_prefix("*.") {
@@ -164,14 +164,14 @@ pub fn split_authority(authority: &str) -> Option<(String, u16)> {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         let (h, after) = rest.split_once(']')?;
         let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().ok()?,
+            Some(p) => config::parse_port(p)?,
             None if after.is_empty() => 443,
             None => return None,
         };
         (h.to_string(), port)
     } else {
         match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse().ok()?),
+            Some((h, p)) => (h.to_string(), config::parse_port(p)?),
             None => (authority.to_string(), 443),
         }
     };
@@ -268,5 +268,7 @@ mod tests {
         assert_eq!(split_authority(":443"), None);
         assert_eq!(split_authority("a:0"), None);
         assert_eq!(split_authority("a:x"), None);
+        assert_eq!(split_authority("a:+443"), None);
+        assert_eq!(split_authority("[::1]:+443"), None);
     }
 }
