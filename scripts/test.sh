@@ -55,7 +55,26 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy"
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --release --locked --workspace -- --test-threads=2
+
+# The fuzz targets (fuzz/, README "Fuzzing"), D7Q_FUZZ_SECS seconds each, when asked for: the
+# fuzz crate needs nightly and cargo-fuzz, and building it from scratch takes about 8 minutes on
+# 2 cores. Every committed fuzz input is replayed on stable above (tests/fuzz_corpora.rs). New
+# inputs go to a scratch directory; the committed corpus is only read.
+if [ -z "${D7Q_FUZZ_SECS:-}" ]; then
+    echo "== cargo fuzz: not run (D7Q_FUZZ_SECS=20 runs each target for 20 s)"
+elif cargo +nightly fuzz --version >/dev/null 2>&1; then
+    for t in $(cargo +nightly fuzz list --fuzz-dir fuzz); do
+        echo "== cargo fuzz run $t (${D7Q_FUZZ_SECS} s)"
+        scratch=$(mktemp -d)
+        cargo +nightly fuzz run --fuzz-dir fuzz "$t" "$scratch" "fuzz/corpus/$t" \
+            -- -max_total_time="$D7Q_FUZZ_SECS" -print_final_stats=1 2>&1 | tail -n 20
+        rm -rf "$scratch"
+    done
+else
+    echo "== cargo fuzz skipped: nightly or cargo-fuzz is not available"
+fi

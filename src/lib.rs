@@ -28,6 +28,8 @@
 //! - [`task`]: task ids, piece geometry, digests.
 //! - [`admin`]: the read-only HTTP/3 admin API and its client.
 //! - [`devserver`]: a small HTTP(S) origin for the demo, the tests and the benchmarks.
+//! - `fuzzing` (hidden): the bodies of the fuzz targets in `fuzz/`, replayed by
+//!   `tests/fuzz_corpora.rs`.
 //!
 //! The wire format lives in the `d7q-wire` crate; network emulation in `d7q-netsim`.
 
@@ -41,6 +43,8 @@ pub mod demo;
 pub mod devserver;
 pub mod embedded;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod local;
 pub mod metrics;
 pub mod origin;

@@ -277,7 +277,7 @@ fn may_read<'a>(
 /// Where a `Location` header leads from `base`: an absolute URL, a scheme-relative `//host/…`,
 /// or an absolute path on the same origin. Relative paths are not resolved (registries and
 /// storage do not send them); `None` for them and for anything unparsable.
-fn redirect_target(base: &http::Uri, location: &str) -> Option<http::Uri> {
+pub(crate) fn redirect_target(base: &http::Uri, location: &str) -> Option<http::Uri> {
     let location = location.trim();
     if let Some(rest) = location.strip_prefix("//") {
         let scheme = base.scheme_str()?;
@@ -407,7 +407,7 @@ fn learn_realms(proxy: &Proxy, headers: &HeaderMap) {
 }
 
 /// The path and query to send upstream; in mirror mode without containerd's `ns` parameter.
-fn path_and_query(uri: &http::Uri, mirror: bool) -> String {
+pub(crate) fn path_and_query(uri: &http::Uri, mirror: bool) -> String {
     let path = uri.path();
     match uri.query() {
         Some(q) if mirror => {

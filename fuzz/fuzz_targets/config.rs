@@ -1,0 +1,4 @@
+//! See `d7q::fuzzing::config`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| d7q::fuzzing::config(data));
