@@ -3,10 +3,10 @@
 //! cargo-fuzz targets call (`d7q::fuzzing`), on stable Rust, in every test run. The fuzzers
 //! themselves need nightly; this is the check CI always has.
 //!
-//! The seeds of the corpora are written by `write_seeds` below from the real encoders and the
-//! documents the other tests use (`cargo test --release -p d7q --test fuzz_corpora --
-//! --ignored write_seeds`); the rest of each corpus is what libFuzzer found and `cargo fuzz cmin`
-//! kept.
+//! The seeds of the corpora come from the real encoders and the documents the other tests use
+//! (checked by `the_seeds_from_the_real_encoders_pass_every_target`, written into the corpora
+//! with `D7Q_WRITE_SEEDS=1`); the rest of each corpus is what libFuzzer found and `cargo fuzz
+//! cmin` kept.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -40,7 +40,7 @@ fn every_committed_fuzz_input_replays_without_a_panic() {
         let corpus = files(&fuzz_dir().join("corpus").join(target));
         assert!(
             !corpus.is_empty(),
-            "no corpus for {target}: run the write_seeds test"
+            "no corpus for {target}: run the seeds test with D7Q_WRITE_SEEDS=1"
         );
         let regressions = files(&fuzz_dir().join("regressions").join(target));
         for path in corpus.iter().chain(&regressions) {
@@ -53,11 +53,14 @@ fn every_committed_fuzz_input_replays_without_a_panic() {
     assert!(failed.is_empty(), "inputs that panic: {failed:?}");
 }
 
-/// Writes the seed inputs (`seed-*`) of every corpus. Ignored: run by hand when a format or a
-/// target changes; the files are committed.
+/// The seed inputs, made from the real encoders and the documents the other tests use, pass
+/// every target's checks (they are valid inputs: a target that rejects one is wrong). With
+/// `D7Q_WRITE_SEEDS=1` they are also written into the corpora (`seed-*`), for a new target or
+/// a changed format, before fuzzing.
 #[test]
-#[ignore]
-fn write_seeds() {
+fn the_seeds_from_the_real_encoders_pass_every_target() {
+    let write = std::env::var_os("D7Q_WRITE_SEEDS").is_some_and(|v| v == "1");
+    let mut failed = Vec::new();
     for (target, seeds) in [
         ("wire_frames", wire_seeds()),
         ("proxy_paths", text_seeds(PROXY_SEEDS)),
@@ -65,12 +68,24 @@ fn write_seeds() {
         ("image_refs", text_seeds(REFERENCE_SEEDS)),
         ("config", config_seeds()),
     ] {
+        assert!(!seeds.is_empty(), "no seeds for {target}");
+        let body = TARGETS
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map(|(_, b)| *b)
+            .expect("a target for every seed set");
         let dir = fuzz_dir().join("corpus").join(target);
-        fs::create_dir_all(&dir).expect("corpus dir");
         for (name, bytes) in seeds {
-            fs::write(dir.join(format!("seed-{name}")), bytes).expect("write a seed");
+            if panic::catch_unwind(AssertUnwindSafe(|| body(&bytes))).is_err() {
+                failed.push(format!("{target}/seed-{name}"));
+            }
+            if write {
+                fs::create_dir_all(&dir).expect("corpus dir");
+                fs::write(dir.join(format!("seed-{name}")), &bytes).expect("write a seed");
+            }
         }
     }
+    assert!(failed.is_empty(), "seeds that panic: {failed:?}");
 }
 
 fn fuzz_dir() -> PathBuf {
