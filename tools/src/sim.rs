@@ -536,6 +536,29 @@ mod tests {
         assert!((got - expect).abs() < 1e-3, "{got} vs {expect}");
     }
 
+    /// Everyone who stays finishes when others leave or die mid-transfer, also with the seed
+    /// serving several blobs (copies that end twice, a requester gone, must free the seed's
+    /// shared slots exactly once: a leak stalled every download at 100 peers).
+    #[test]
+    fn under_churn_everyone_who_stays_finishes() {
+        for (peers, seed, blobs) in [
+            (100, 1, vec![256 << 20]),
+            (60, 5, vec![192 << 20, 64 << 20]),
+        ] {
+            let mut cfg = small(peers, Scenario::Churn, seed);
+            cfg.blobs = blobs;
+            cfg.schedule_ref = Duration::from_secs_f64(Bound::planned(&cfg).t_min_s);
+            let r = simulate(&cfg);
+            assert_eq!(r.peers.unfinished, 0, "{peers} peers: {:?}", r.peers);
+            assert_eq!(r.peers.failed, 0, "{peers} peers: {:?}", r.peers);
+            assert!(
+                r.peers.done > peers * 8 / 10,
+                "{peers} peers: {:?}",
+                r.peers
+            );
+        }
+    }
+
     #[test]
     fn a_liar_is_isolated_and_everyone_still_finishes() {
         let r = simulate(&small(30, Scenario::Liar, 3));

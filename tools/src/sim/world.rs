@@ -907,6 +907,15 @@ impl<'a> World<'a> {
     }
 
     /// One reference to `rid` is done with; the last frees it.
+    /// Tells blob `t`'s seed gate how a copy ended, and the seed's count of copies on their
+    /// way what the gate counted (a copy ended twice counts once, as in the gate).
+    fn seed_sent(&mut self, t: u16, piece: u32, delivered: bool, now: Instant) {
+        let gate = &mut self.tasks[t as usize].gate;
+        let before = gate.in_flight();
+        gate.handle_sent(piece, delivered, now);
+        self.seed_copies -= before - gate.in_flight();
+    }
+
     fn release(&mut self, rid: u32) {
         let r = &mut self.reqs[rid as usize];
         r.refs -= 1;
@@ -1028,10 +1037,7 @@ impl<'a> World<'a> {
                 let now = self.instant();
                 let r = &self.reqs[rid as usize];
                 let (task, piece, delivered) = (r.task, r.piece, !r.cancelled);
-                self.tasks[task as usize]
-                    .gate
-                    .handle_sent(piece, delivered, now);
-                self.seed_copies -= 1;
+                self.seed_sent(task, piece, delivered, now);
                 self.counters.machine_calls += 1;
                 self.release(rid);
             }
@@ -1534,8 +1540,7 @@ impl<'a> World<'a> {
             let (s, t, piece, gate) = (r.src_host, r.task, r.piece, r.gate.is_some());
             self.count_sent(s, sent);
             if gate {
-                self.tasks[t as usize].gate.handle_sent(piece, false, now);
-                self.seed_copies -= 1;
+                self.seed_sent(t, piece, false, now);
                 self.counters.machine_calls += 1;
             }
             self.release(rid); // the flow's
