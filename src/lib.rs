@@ -41,6 +41,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod devserver;
+pub mod dial;
 pub mod embedded;
 pub mod engine;
 #[doc(hidden)]

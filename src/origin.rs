@@ -22,7 +22,6 @@
 pub mod policy;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -39,6 +38,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use crate::dial::Undialed;
 use crate::pki;
 use policy::{OriginPolicy, Refusal};
 
@@ -404,51 +404,22 @@ impl tower_service::Service<Uri> for PolicyConnector {
 }
 
 async fn connect(policy: &OriginPolicy, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
-    let resolved: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|source| ConnectError::Resolve {
-                host: host.to_string(),
+    let host_ = || host.to_string();
+    crate::dial::dial_checked(host, port, |ip| policy.check(host, ip))
+        .await
+        .map_err(|e| match e {
+            Undialed::Resolve(source) => ConnectError::Resolve {
+                host: host_(),
                 source,
-            })?
-            .map(|sa| sa.ip())
-            .collect(),
-    };
-    let mut allowed: Vec<IpAddr> = Vec::new();
-    let mut refused = None;
-    for ip in resolved {
-        match policy.check(host, ip) {
-            Ok(()) if !allowed.contains(&ip) => allowed.push(ip),
-            Ok(()) => {}
-            Err(r) => {
-                refused.get_or_insert(r);
-            }
-        }
-    }
-    if allowed.is_empty() {
-        return Err(match refused {
-            Some(r) => ConnectError::Refused(r),
-            None => ConnectError::NoAddress {
-                host: host.to_string(),
             },
-        });
-    }
-    let mut last = None;
-    for ip in allowed {
-        match TcpStream::connect(SocketAddr::new(ip, port)).await {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(ConnectError::Connect {
-        host: host.to_string(),
-        port,
-        source: last.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into()),
-    })
+            Undialed::Refused(r) => ConnectError::Refused(r),
+            Undialed::NoAddress => ConnectError::NoAddress { host: host_() },
+            Undialed::Connect(source) => ConnectError::Connect {
+                host: host_(),
+                port,
+                source,
+            },
+        })
 }
 
 /// The port a URI connects to: its own, else its scheme's.

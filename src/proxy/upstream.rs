@@ -8,7 +8,7 @@
 //! followed here — the client sees them as the registry sent them.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::dial::Undialed;
 use crate::origin::redacted;
 
 use super::policy::{ConnectPolicy, Purpose, Refusal};
@@ -135,56 +136,27 @@ async fn dial_checked(
     port: u16,
     purpose: Purpose,
 ) -> Result<TcpStream, DialError> {
-    let resolved: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        // An address literal is judged as an address: the refusal names what it is.
-        Ok(ip) => vec![ip],
-        Err(_) => {
-            // A port no address could open costs no DNS query.
-            policy.check_name(host, port, purpose)?;
-            tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|source| DialError::Resolve {
-                    host: host.to_string(),
-                    source,
-                })?
-                .map(|sa| sa.ip())
-                .collect()
-        }
-    };
-    let mut allowed: Vec<IpAddr> = Vec::new();
-    let mut refused = None;
-    for ip in resolved {
-        match policy.check(host, ip, port, purpose) {
-            Ok(()) if !allowed.contains(&ip) => allowed.push(ip),
-            Ok(()) => {}
-            Err(r) => {
-                refused.get_or_insert(r);
-            }
-        }
+    if host.parse::<IpAddr>().is_err() {
+        // A port no address could open costs no DNS query (an address literal is judged as
+        // an address: the refusal names what it is).
+        policy.check_name(host, port, purpose)?;
     }
-    if allowed.is_empty() {
-        return Err(match refused {
-            Some(r) => DialError::Refused(r),
-            None => DialError::NoAddress {
-                host: host.to_string(),
+    let host_ = || host.to_string();
+    crate::dial::dial_checked(host, port, |ip| policy.check(host, ip, port, purpose))
+        .await
+        .map_err(|e| match e {
+            Undialed::Resolve(source) => DialError::Resolve {
+                host: host_(),
+                source,
             },
-        });
-    }
-    let mut last = None;
-    for ip in allowed {
-        match TcpStream::connect(SocketAddr::new(ip, port)).await {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(DialError::Connect {
-        host: host.to_string(),
-        port,
-        source: last.unwrap_or_else(|| std::io::ErrorKind::NotConnected.into()),
-    })
+            Undialed::Refused(r) => DialError::Refused(r),
+            Undialed::NoAddress => DialError::NoAddress { host: host_() },
+            Undialed::Connect(source) => DialError::Connect {
+                host: host_(),
+                port,
+                source,
+            },
+        })
 }
 
 /// The upstream client's connector: [`dial`] for every new connection, with the purpose the
