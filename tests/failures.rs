@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_only, closed_tcp_port, sha256, sha256_file, Cluster, Env, Origin, Supernode};
+use common::{assert_only, closed_tcp_port, setup, sha256, sha256_file, Env, Setup};
 use d7q::devserver::Fault;
 
 /// Exit codes of the command-line contract.
@@ -13,29 +13,6 @@ const USAGE: i32 = 2;
 const ORIGIN: i32 = 3;
 const INTEGRITY: i32 = 4;
 const LOCAL: i32 = 6;
-
-/// An origin, a cluster and a supernode trusting the origin.
-struct Setup {
-    env: Env,
-    origin: Origin,
-    cluster: Cluster,
-    sn: Supernode,
-}
-
-async fn setup() -> Setup {
-    let env = Env::new();
-    let origin = env.origin().await;
-    let cluster = env.cluster().await;
-    let sn = env
-        .supernode(&cluster.supernode_pki, Some(&origin.ca_file))
-        .await;
-    Setup {
-        env,
-        origin,
-        cluster,
-        sn,
-    }
-}
 
 impl Setup {
     /// A `d7q get` of `name` into a fresh directory `out`, through the supernode.

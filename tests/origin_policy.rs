@@ -12,34 +12,10 @@
 
 mod common;
 
-use common::{assert_only, sha256_file, Env, Origin, Supernode};
+use common::{assert_only, setup, sha256_file, Env};
 use d7q::devserver::{DevServer, Fault};
 
 const ORIGIN: i32 = 3;
-
-/// The parts every test uses: an HTTPS origin, a cluster and a supernode with the default
-/// policy.
-struct Setup {
-    env: Env,
-    origin: Origin,
-    cluster: common::Cluster,
-    sn: Supernode,
-}
-
-async fn setup() -> Setup {
-    let env = Env::new();
-    let origin = env.origin().await;
-    let cluster = env.cluster().await;
-    let sn = env
-        .supernode(&cluster.supernode_pki, Some(&origin.ca_file))
-        .await;
-    Setup {
-        env,
-        origin,
-        cluster,
-        sn,
-    }
-}
 
 /// A cleartext origin on 127.0.0.1 serving `root`.
 async fn plain_origin(root: &std::path::Path) -> DevServer {

@@ -83,6 +83,31 @@ pub struct Output {
     pub command: String,
 }
 
+/// The parts many tests start from: an HTTPS test origin, a cluster and a supernode that
+/// trusts the origin's CA.
+pub struct Setup {
+    pub env: Env,
+    pub origin: Origin,
+    pub cluster: Cluster,
+    pub sn: Supernode,
+}
+
+/// A fresh [`Setup`].
+pub async fn setup() -> Setup {
+    let env = Env::new();
+    let origin = env.origin().await;
+    let cluster = env.cluster().await;
+    let sn = env
+        .supernode(&cluster.supernode_pki, Some(&origin.ca_file))
+        .await;
+    Setup {
+        env,
+        origin,
+        cluster,
+        sn,
+    }
+}
+
 /// A cluster CA and the identities issued from it.
 pub struct Cluster {
     /// The CA directory (`ca.pem`, `ca.key`).
